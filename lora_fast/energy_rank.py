@@ -1,0 +1,424 @@
+"""How much rank do LoRA adapters use? Singular values and energy ranks of ΔW = s·B·A, batched and cheap.
+
+All functions work without forming the m×n update: QR of B and of Aᵀ, then the SVD of an r×r core, which costs
+O((m+n)·r²) per adapter instead of the O(m·n·min(m,n)) of a dense SVD.
+
+Example::
+
+    from lora_fast.energy_rank import analyze, singular_values, energy_rank, truncate
+
+    sigma = singular_values(A, B, scaling=2.0)        # A (..., r, n), B (..., m, r) -> (..., min(r, m, n))
+    energy_rank(sigma)                                # smallest j holding >= 95% of sum(sigma^2)
+    A_j, B_j = truncate(A, B, threshold=0.95)         # exact factors of the best rank-j approximation
+    for rec in analyze(peft_model):                   # every adapter of a model, state dict or saved adapter
+        print(rec.name, rec.layer, rec.kind, rec.r, rec.energy_rank)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lora_fast.ops.lowrank_svd import dense_svdvals
+from lora_fast.ops.lowrank_svd import lowrank_svdvals
+from lora_fast.ops.lowrank_svd import prefers_dense_route
+
+__all__ = ["AdapterRecord", "analyze", "energy_rank", "singular_values", "truncate"]
+
+TensorOrList = torch.Tensor | Sequence[torch.Tensor]
+
+
+def _check_pair(a: Any, b: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise ValueError(f"{where}: A and B must be tensors, got {type(a).__name__} and {type(b).__name__}")
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"{where}: A must be (..., r, n) and B (..., m, r); got ndim {a.ndim} and {b.ndim}")
+    if a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"{where}: leading (batch) dims differ: A {tuple(a.shape)}, B {tuple(b.shape)}")
+    if a.shape[-2] != b.shape[-1]:
+        raise ValueError(
+            f"{where}: inner ranks differ: A {tuple(a.shape)} has r={a.shape[-2]}, "
+            f"B {tuple(b.shape)} has r={b.shape[-1]}"
+        )
+    if a.numel() == 0 or b.numel() == 0:
+        raise ValueError(f"{where}: empty adapter, A {tuple(a.shape)}, B {tuple(b.shape)}")
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise ValueError(f"{where}: A and B must be floating point, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{where}: A is on {a.device} but B is on {b.device}")
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    # float16/bfloat16 adapters are analysed in float32: their own precision is far below what sigma needs.
+    dtype = dtype if dtype == torch.float64 else torch.float32
+    return a.detach().to(dtype), b.detach().to(dtype)
+
+
+def _batched_svdvals(pairs: list[tuple[torch.Tensor, torch.Tensor]], scales: list[float]) -> list[torch.Tensor]:
+    """σ for each (A (batch, r, n), B (batch, m, r)) pair: one op call for every low-rank-route pair."""
+    out: list[torch.Tensor | None] = [None] * len(pairs)
+    lowrank = []
+    for i, (a, b) in enumerate(pairs):
+        if prefers_dense_route(a.shape[-2], b.shape[-2], a.shape[-1]):
+            if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+                raise ValueError(f"singular_values: adapter {i} contains NaN or Inf")
+            out[i] = dense_svdvals(a, b, scales[i])
+        else:
+            lowrank.append(i)
+    if lowrank:
+        by_device: dict[torch.device, list[int]] = {}
+        for i in lowrank:
+            by_device.setdefault(pairs[i][0].device, []).append(i)
+        for idx in by_device.values():
+            sigmas = lowrank_svdvals(
+                [pairs[i][0].contiguous() for i in idx],
+                [pairs[i][1].contiguous() for i in idx],
+                [scales[i] for i in idx],
+            )
+            for i, s in zip(idx, sigmas, strict=True):
+                out[i] = s
+    return out  # type: ignore[return-value]
+
+
+def singular_values(A: TensorOrList, B: TensorOrList, scaling: float | Sequence[float] | torch.Tensor = 1.0):
+    """Singular values, descending, of ``scaling * B @ A`` without forming the product.
+
+    Args:
+        A: (..., r, n) tensor, or a list of such tensors (adapters of different shapes).
+        B: (..., m, r) tensor with the same leading dims, or a list matching ``A``.
+        scaling: a float; for a batched tensor also a tensor broadcastable to the leading dims; for lists also a
+            sequence of floats, one per adapter. Its sign does not matter.
+
+    Returns:
+        (..., min(r, m, n)) tensor (a list of them for list input), float64 for float64 input and float32
+        otherwise. Computed in float64. Not differentiable.
+
+    Raises:
+        ValueError: mismatched inner ranks or batch dims, ndim < 2, empty input, non-float dtype, NaN/Inf.
+    """
+    if isinstance(A, torch.Tensor) or isinstance(B, torch.Tensor):
+        a, b = _check_pair(A, B, "singular_values")
+        lead = a.shape[:-2]
+        a3 = a.reshape(-1, *a.shape[-2:])
+        b3 = b.reshape(-1, *b.shape[-2:])
+        scale_tensor = torch.as_tensor(scaling, dtype=torch.float64)
+        if scale_tensor.ndim == 0:
+            sigma = _batched_svdvals([(a3, b3)], [float(scale_tensor)])[0]
+            return sigma.reshape(*lead, sigma.shape[-1])
+        sigma = _batched_svdvals([(a3, b3)], [1.0])[0].reshape(*lead, -1)
+        try:
+            scale_tensor = scale_tensor.abs().to(sigma).expand(lead).unsqueeze(-1)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"singular_values: scaling of shape {tuple(scale_tensor.shape)} does not broadcast "
+                f"to the batch dims {tuple(lead)}"
+            ) from exc
+        return sigma * scale_tensor
+    A, B = list(A), list(B)
+    if not A:
+        raise ValueError("singular_values: empty list of adapters")
+    if len(A) != len(B):
+        raise ValueError(f"singular_values: {len(A)} A matrices but {len(B)} B matrices")
+    if isinstance(scaling, (int, float)):
+        scales = [float(scaling)] * len(A)
+    else:
+        scales = [float(s) for s in scaling]
+        if len(scales) != len(A):
+            raise ValueError(f"singular_values: {len(scales)} scalings for {len(A)} adapters")
+    pairs = [_check_pair(a, b, f"singular_values: adapter {i}") for i, (a, b) in enumerate(zip(A, B, strict=True))]
+    flat = [(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])) for a, b in pairs]
+    sigmas = _batched_svdvals(flat, scales)
+    return [s.reshape(*a.shape[:-2], s.shape[-1]) for s, (a, _) in zip(sigmas, pairs, strict=True)]
+
+
+def _check_threshold(threshold: float) -> float:
+    threshold = float(threshold)
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    return threshold
+
+
+def energy_rank(sigma: torch.Tensor | Sequence[torch.Tensor], threshold: float = 0.95):
+    """Smallest j with ``sum(σ[:j]²) >= threshold * sum(σ²)``: the rank that holds ``threshold`` of the energy.
+
+    The comparison is ``>=`` (as in PEFT's rank conversion), so a spectrum whose top-j values hold exactly the
+    threshold gets j. An all-zero spectrum has energy rank 0.
+
+    Args:
+        sigma: (..., k) singular values (any order; they are sorted), or a list of 1-D spectra.
+        threshold: fraction of energy in (0, 1].
+
+    Returns:
+        int64 tensor of shape (...), or a list of ints for list input.
+    """
+    threshold = _check_threshold(threshold)
+    if not isinstance(sigma, torch.Tensor):
+        spectra = list(sigma)
+        if not spectra:
+            raise ValueError("energy_rank: empty list of spectra")
+        if all(isinstance(s, torch.Tensor) and s.ndim == 1 for s in spectra) and len({s.device for s in spectra}) == 1:
+            # zero padding changes neither the cumulative nor the total energy: one batched call for all
+            padded = torch.nn.utils.rnn.pad_sequence([s.to(torch.float64) for s in spectra], batch_first=True)
+            return energy_rank(padded, threshold).tolist()
+        return [energy_rank(s, threshold).tolist() for s in spectra]
+    if sigma.ndim == 0 or sigma.shape[-1] == 0:
+        raise ValueError(f"energy_rank: sigma must be (..., k) with k >= 1, got shape {tuple(sigma.shape)}")
+    if not sigma.is_floating_point():
+        sigma = sigma.to(torch.float64)
+    if not bool(torch.isfinite(sigma).all()):
+        raise ValueError("energy_rank: sigma contains NaN or Inf")
+    if bool((sigma < 0).any()):
+        raise ValueError("energy_rank: singular values must be non-negative")
+    energy = sigma.to(torch.float64).sort(dim=-1, descending=True).values.square().cumsum(-1)
+    total = energy[..., -1:]
+    # count of prefixes still below the threshold, +1; zero spectra hold no energy and get 0
+    rank = (energy < threshold * total).sum(-1) + 1
+    return torch.where(total.squeeze(-1) > 0, rank, torch.zeros_like(rank))
+
+
+def truncate(A: torch.Tensor, B: torch.Tensor, rank: int | None = None, *, threshold: float | None = None):
+    """Exact factors (A', B') of the best rank-j approximation of ``B @ A`` (Eckart–Young), without forming it.
+
+    ``B' @ A'`` equals ``U_j Σ_j V_jᵀ`` of ``B @ A``; the singular values are split evenly (B' = U_j√Σ_j,
+    A' = √Σ_j V_jᵀ) so both factors keep comparable scale for further training.
+
+    Args:
+        A: (..., r, n).
+        B: (..., m, r).
+        rank: target rank j, 0 <= j <= min(r, m, n).
+        threshold: instead of ``rank``, keep the energy rank at this threshold; for a batch, the largest energy
+            rank in it (every member then keeps at least ``threshold`` of its energy).
+
+    Returns:
+        (A' (..., j, n), B' (..., m, j)) in the dtype of the inputs.
+    """
+    if (rank is None) == (threshold is None):
+        raise ValueError("truncate: give exactly one of rank or threshold")
+    a, b = _check_pair(A, B, "truncate")
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        raise ValueError("truncate: adapter contains NaN or Inf")
+    k = min(a.shape[-2], a.shape[-1], b.shape[-2])
+    q_b, r_b = torch.linalg.qr(b.to(torch.float64))  # B = Q_B R_B, Q_B (m, min(m, r))
+    q_a, r_a = torch.linalg.qr(a.to(torch.float64).mT)  # Aᵀ = Q_A R_A
+    u, s, vh = torch.linalg.svd(r_b @ r_a.mT)  # B A = Q_B U Σ Vᵀ Q_Aᵀ
+    if threshold is not None:
+        rank = int(energy_rank(s[..., :k], threshold).max())
+    if not isinstance(rank, int) or not 0 <= rank <= k:
+        raise ValueError(f"truncate: rank must be an int in [0, {k}] (min of r, m, n), got {rank!r}")
+    root = s[..., :rank].sqrt()
+    b_new = (q_b @ u[..., :, :rank]) * root.unsqueeze(-2)
+    a_new = root.unsqueeze(-1) * (vh[..., :rank, :] @ q_a.mT)
+    dtype = torch.promote_types(A.dtype, B.dtype)
+    return a_new.to(dtype), b_new.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# analyze: every adapter of a model or a saved adapter
+
+
+@dataclass
+class AdapterRecord:
+    """One LoRA adapter's spectrum.
+
+    Attributes:
+        name: module name without PEFT's ``base_model.model.`` prefix.
+        layer: first integer component of the name (the block index), or None.
+        kind: matrix kind: the module's own name (``query``, ``q_proj``), or its path inside the block when that
+            name is generic (``attention.output.dense`` vs ``output.dense``).
+        r: adapter rank (rows of A).
+        shape: (out_features, in_features) of ΔW.
+        scaling: s in ΔW = s·B·A (1.0 when no config was available).
+        energy_rank: smallest j holding ``threshold`` of the energy.
+        sigma: singular values of ΔW, descending, float32/float64 on the adapter's device.
+        adapter: PEFT adapter name, if any.
+    """
+
+    name: str
+    layer: int | None
+    kind: str
+    r: int
+    shape: tuple[int, int]
+    scaling: float
+    energy_rank: int
+    sigma: torch.Tensor
+    adapter: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able view (sigma as a list of floats)."""
+        return {
+            "name": self.name,
+            "layer": self.layer,
+            "kind": self.kind,
+            "r": self.r,
+            "shape": list(self.shape),
+            "scaling": self.scaling,
+            "energy_rank": self.energy_rank,
+            "sigma": self.sigma.detach().cpu().tolist(),
+            "adapter": self.adapter,
+        }
+
+
+_PEFT_PREFIX = "base_model.model."
+_GENERIC_KINDS = {"dense", "proj", "linear", "fc", "out", "output", "weight"}
+_LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def _layer_and_kind(name: str) -> tuple[int | None, str]:
+    match = _LAYER_RE.search(name)
+    inner = name[match.end() :] if match and match.end() < len(name) else name
+    last = inner.rsplit(".", 1)[-1]
+    return (int(match.group(1)) if match else None), (inner if last in _GENERIC_KINDS else last)
+
+
+def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
+    # PEFT's rule: a key matches a module whose name is the key or ends with "." + key (keys may be regexes)
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
+
+
+def _scaling_from_config(config: Mapping[str, Any], name: str, r: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r))
+    return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def _config_dict(config: Any) -> dict[str, Any] | None:
+    if config is None or isinstance(config, Mapping):
+        return None if config is None else dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            return json.load(f)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return vars(config)
+
+
+def _pairs_from_module(model: torch.nn.Module, adapter_name: str | None):
+    pairs = []
+    for name, module in model.named_modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if isinstance(lora_a, torch.Tensor) and isinstance(lora_b, torch.Tensor):  # lora_fast.LoraLinear
+            pairs.append((name, None, lora_a, lora_b, float(module.scaling)))
+        elif isinstance(lora_a, torch.nn.ModuleDict) and isinstance(lora_b, torch.nn.ModuleDict):  # PEFT LoraLayer
+            for adapter in lora_a:
+                if adapter_name is not None and adapter != adapter_name:
+                    continue
+                a = lora_a[adapter].weight
+                b = lora_b[adapter].weight
+                # conv adapters: A (r, in, kh, kw) and B (out, r, 1, 1) act as r×(in·kh·kw) and out×r
+                pairs.append((name, adapter, a.flatten(1), b.flatten(1), float(module.scaling[adapter])))
+        for attr_a, attr_b in (("lora_embedding_A", "lora_embedding_B"),):
+            emb_a, emb_b = getattr(module, attr_a, None), getattr(module, attr_b, None)
+            if isinstance(emb_a, torch.nn.ParameterDict) and isinstance(emb_b, torch.nn.ParameterDict):
+                for adapter in emb_a:
+                    if adapter_name is None or adapter == adapter_name:
+                        pairs.append((name, adapter, emb_a[adapter], emb_b[adapter], float(module.scaling[adapter])))
+    return pairs
+
+
+_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
+
+
+def _pairs_from_state_dict(state: Mapping[str, torch.Tensor], config: dict[str, Any] | None, adapter_name):
+    found: dict[tuple[str, str | None], dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        stem = key[: -len(".weight")] if key.endswith(".weight") else key
+        match = _KEY_RE.match(stem)
+        if match is None:
+            continue
+        adapter = match["adapter"]
+        if adapter_name is not None and adapter not in (None, adapter_name):
+            continue
+        found.setdefault((match["module"], adapter), {})[match["ab"]] = tensor
+    if config is None and found:
+        warnings.warn(
+            "analyze: no adapter config given, so scaling = 1.0 (sigma of B@A); energy ranks are unaffected",
+            stacklevel=3,
+        )
+    pairs = []
+    for (module, adapter), ab in found.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"analyze: {module} has lora_{next(iter(ab))} but not its partner")
+        a, b = ab["A"].flatten(1), ab["B"].flatten(1)
+        name = module[len(_PEFT_PREFIX) :] if module.startswith(_PEFT_PREFIX) else module
+        scaling = 1.0 if config is None else _scaling_from_config(config, name, a.shape[0])
+        pairs.append((module, adapter, a, b, scaling))
+    return pairs
+
+
+def _load_saved_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    folder, file = (
+        (path, os.path.join(path, "adapter_model.safetensors"))
+        if os.path.isdir(path)
+        else (
+            os.path.dirname(path),
+            path,
+        )
+    )
+    if not os.path.exists(file):
+        raise ValueError(f"analyze: no adapter weights at {file}")
+    config_file = os.path.join(folder, "adapter_config.json")
+    config = None
+    if os.path.exists(config_file):
+        with open(config_file) as f:
+            config = json.load(f)
+    return load_file(file), config
+
+
+def analyze(
+    source: torch.nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    threshold: float = 0.95,
+    *,
+    config: Mapping[str, Any] | str | os.PathLike | Any | None = None,
+    adapter_name: str | None = None,
+) -> list[AdapterRecord]:
+    """Spectra and energy ranks of every LoRA adapter in ``source``, from one batched call.
+
+    Args:
+        source: a PEFT model, a model with lora_fast adapters, a state dict (PEFT's saved keys
+            ``….lora_A.weight``, in-memory ``….lora_A.<adapter>.weight``, or lora_fast's ``….lora_A``), or a
+            saved PEFT adapter (directory with ``adapter_model.safetensors``, or that file).
+        threshold: energy fraction for ``energy_rank``.
+        config: LoRA config (dict, ``LoraConfig`` or path to ``adapter_config.json``) giving ``lora_alpha``,
+            ``use_rslora`` and ``alpha_pattern`` for state dicts; read from the adapter folder when present.
+            Modules carry their own scaling and ignore it.
+        adapter_name: only this PEFT adapter (default: all).
+
+    Returns:
+        One record per adapter, in model/state-dict order.
+    """
+    threshold = _check_threshold(threshold)
+    if isinstance(source, torch.nn.Module):
+        pairs = _pairs_from_module(source, adapter_name)
+    elif isinstance(source, Mapping):
+        pairs = _pairs_from_state_dict(source, _config_dict(config), adapter_name)
+    elif isinstance(source, (str, os.PathLike)):
+        state, saved_config = _load_saved_adapter(source)
+        pairs = _pairs_from_state_dict(state, _config_dict(config) or saved_config, adapter_name)
+    else:
+        raise ValueError(f"analyze: expected a model, a state dict or an adapter path, got {type(source).__name__}")
+    if not pairs:
+        raise ValueError("analyze: found no LoRA adapters (no lora_A/lora_B pairs)")
+    sigmas = singular_values([p[2] for p in pairs], [p[3] for p in pairs], [p[4] for p in pairs])
+    ranks = energy_rank(sigmas, threshold)
+    records = []
+    for (module, adapter, a, b, scaling), sigma, rank in zip(pairs, sigmas, ranks, strict=True):
+        name = module[len(_PEFT_PREFIX) :] if module.startswith(_PEFT_PREFIX) else module
+        layer, kind = _layer_and_kind(name)
+        records.append(
+            AdapterRecord(
+                name, layer, kind, int(a.shape[0]), (int(b.shape[0]), int(a.shape[1])), scaling, rank, sigma, adapter
+            )
+        )
+    return records
