@@ -30,6 +30,7 @@ import torch
 
 from lora_fast.ops.lowrank_svd import dense_svdvals
 from lora_fast.ops.lowrank_svd import lowrank_svdvals
+from lora_fast.ops.lowrank_svd import lowrank_svdvals_eager
 from lora_fast.ops.lowrank_svd import prefers_dense_route
 
 __all__ = ["AdapterRecord", "analyze", "energy_rank", "singular_values", "truncate"]
@@ -58,11 +59,12 @@ def _check_pair(a: Any, b: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]
     dtype = torch.promote_types(a.dtype, b.dtype)
     # float16/bfloat16 adapters are analysed in float32: their own precision is far below what sigma needs.
     dtype = dtype if dtype == torch.float64 else torch.float32
-    return a.detach().to(dtype), b.detach().to(dtype)
+    return (a, b) if a.dtype == b.dtype == dtype else (a.to(dtype), b.to(dtype))
 
 
+@torch.no_grad()
 def _batched_svdvals(pairs: list[tuple[torch.Tensor, torch.Tensor]], scales: list[float]) -> list[torch.Tensor]:
-    """σ for each (A (batch, r, n), B (batch, m, r)) pair: one op call for every low-rank-route pair."""
+    """σ for each (A (batch, r, n), B (batch, m, r)) pair, or 2-D pair: one op call for all low-rank-route pairs."""
     out: list[torch.Tensor | None] = [None] * len(pairs)
     lowrank = []
     for i, (a, b) in enumerate(pairs):
@@ -76,8 +78,10 @@ def _batched_svdvals(pairs: list[tuple[torch.Tensor, torch.Tensor]], scales: lis
         by_device: dict[torch.device, list[int]] = {}
         for i in lowrank:
             by_device.setdefault(pairs[i][0].device, []).append(i)
+        # the registered op under torch.compile; its eager body otherwise (the wrapper costs ~8 us per tensor)
+        op = lowrank_svdvals if torch.compiler.is_compiling() else lowrank_svdvals_eager
         for idx in by_device.values():
-            sigmas = lowrank_svdvals(
+            sigmas = op(
                 [pairs[i][0].contiguous() for i in idx],
                 [pairs[i][1].contiguous() for i in idx],
                 [scales[i] for i in idx],
@@ -133,9 +137,10 @@ def singular_values(A: TensorOrList, B: TensorOrList, scaling: float | Sequence[
         if len(scales) != len(A):
             raise ValueError(f"singular_values: {len(scales)} scalings for {len(A)} adapters")
     pairs = [_check_pair(a, b, f"singular_values: adapter {i}") for i, (a, b) in enumerate(zip(A, B, strict=True))]
-    flat = [(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])) for a, b in pairs]
+    # 2-D adapters (the usual case) go as they are; deeper batches are flattened to (batch, r, n) and back
+    flat = [(a, b) if a.ndim <= 3 else (a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])) for a, b in pairs]
     sigmas = _batched_svdvals(flat, scales)
-    return [s.reshape(*a.shape[:-2], s.shape[-1]) for s, (a, _) in zip(sigmas, pairs, strict=True)]
+    return [s if a.ndim <= 3 else s.reshape(*a.shape[:-2], -1) for s, (a, _) in zip(sigmas, pairs, strict=True)]
 
 
 def _check_threshold(threshold: float) -> float:

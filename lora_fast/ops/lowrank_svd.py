@@ -52,31 +52,41 @@ def _r_factor_ref(x: torch.Tensor, max_ratio: float) -> torch.Tensor:
 
 
 def lowrank_svdvals_ref(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor], scaling: Sequence[float]):
-    """Reference for ``lowrank_svdvals``: A (batch, r, n), B (batch, m, r) with r < min(m, n), float32/float64."""
+    """Reference for ``lowrank_svdvals``: A (batch, r, n), B (batch, m, r) (or both 2-D), r < min(m, n)."""
     out = []
     for a, b, s in zip(a_list, b_list, scaling, strict=True):
+        single = a.ndim == 2  # one adapter rather than a batch, as the C++ op allows
+        a, b = (a[None], b[None]) if single else (a, b)
         if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
             raise ValueError("lowrank_svdvals: adapter contains NaN or Inf")
         max_ratio = _MAX_CHOLESKY_RATIO[a.dtype]
         r_a = _r_factor_ref(a.to(torch.float64).mT, max_ratio)
         r_b = _r_factor_ref(b.to(torch.float64), max_ratio)
-        out.append((torch.linalg.svdvals(r_b @ r_a.mT) * abs(s)).to(a.dtype))
+        sigma = (torch.linalg.svdvals(r_b @ r_a.mT) * abs(s)).to(a.dtype)
+        out.append(sigma[0] if single else sigma)
     return out
 
 
-@torch.library.custom_op("lora_fast::lowrank_svdvals", mutates_args=())
-def lowrank_svdvals(a_list: list[torch.Tensor], b_list: list[torch.Tensor], scaling: list[float]) -> list[torch.Tensor]:
-    """σ of ``|scaling[e]| · B[e] @ A[e]`` per entry; A (batch, r, n), B (batch, m, r), r < min(m, n).
-
-    Returns one (batch, r) tensor per entry, descending, in the input dtype (float32 or float64). Not
-    differentiable: it is an analysis op.
-    """
+def lowrank_svdvals_eager(a_list: list[torch.Tensor], b_list: list[torch.Tensor], scaling: list[float]):
+    """The op's implementation: the C++ kernel or the reference, per ``select_backend``."""
     if select_backend(a_list[0].device, implemented=("ref", "cpp")) == "cpp":
         cpp_module()  # loads the extension, which registers torch.ops.lora_fast_C
         return torch.ops.lora_fast_C.lowrank_svdvals(a_list, b_list, scaling)
     return lowrank_svdvals_ref(a_list, b_list, scaling)
 
 
+@torch.library.custom_op("lora_fast::lowrank_svdvals", mutates_args=())
+def lowrank_svdvals(a_list: list[torch.Tensor], b_list: list[torch.Tensor], scaling: list[float]) -> list[torch.Tensor]:
+    """σ of ``|scaling[e]| · B[e] @ A[e]`` per entry; A (batch, r, n), B (batch, m, r) or both 2-D, r < min(m, n).
+
+    Returns one (batch, r) tensor per entry ((r) for 2-D entries), descending, in the input dtype (float32 or
+    float64). Not differentiable: it is an analysis op. Eager callers with many entries may call
+    ``lowrank_svdvals_eager`` directly: the custom-op wrapper costs ~8 us per tensor in the lists (0.3 ms for
+    BERT-base's 36 adapters).
+    """
+    return lowrank_svdvals_eager(a_list, b_list, scaling)
+
+
 @lowrank_svdvals.register_fake
 def _(a_list: list[torch.Tensor], b_list: list[torch.Tensor], scaling: list[float]) -> list[torch.Tensor]:
-    return [a.new_empty(a.shape[0], a.shape[1]) for a in a_list]
+    return [a.new_empty(a.shape[:-1]) for a in a_list]

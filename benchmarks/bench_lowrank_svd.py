@@ -1,0 +1,157 @@
+"""Singular values of every adapter of a model: lora_fast vs the alternatives a user would pick.
+
+Providers: ``lora_fast`` (dispatch: C++ on CPU, torch ops on CUDA), ``ref`` (our plain-PyTorch Cholesky-QR
+route), ``torch_qr`` (torch.linalg.qr of B and Aᵀ + svdvals of the core, Householder), ``dense_svd``
+(torch.linalg.svdvals of the formed B@A, what papers and PEFT do) and ``svd_lowrank`` (torch.svd_lowrank of
+the formed product with q=r). Shapes: BERT-base (36 adapters 768×768, r ∈ {8, 16, 64}) and a 7B LLaMA-style
+model (32 layers × q,k,v,o 4096×4096 + gate/up 4096→11008 + down 11008→4096, r=16: 224 adapters).
+
+Run: ``pytest benchmarks/bench_lowrank_svd.py --benchmark-only``. The dense SVD of 224 7B-size adapters takes
+tens of minutes on 2 cores and is skipped there unless ``LORA_FAST_BENCH_DENSE_7B=1``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from benchmarks.conftest import devices
+from benchmarks.conftest import sync
+from lora_fast.energy_rank import energy_rank
+from lora_fast.energy_rank import singular_values
+from lora_fast.ops.lowrank_svd import lowrank_svdvals_ref
+
+PROVIDERS = ["lora_fast", "ref", "torch_qr", "dense_svd", "svd_lowrank"]
+
+
+def bert_base(r: int) -> list[tuple[int, int, int]]:
+    return [(768, 768, r)] * 36  # 12 layers × q, k, v
+
+
+def llama_7b(r: int = 16) -> list[tuple[int, int, int]]:
+    # ordered by shape (the order of adapters does not change any timing) so grouped outputs follow input order
+    return [(4096, 4096, r)] * (4 * 32) + [(11008, 4096, r)] * (2 * 32) + [(4096, 11008, r)] * 32
+
+
+SHAPES = {f"bert-base-r{r}": bert_base(r) for r in (8, 16, 64)} | {"llama-7b-r16": llama_7b()}
+
+
+def make_adapters(shapes, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a_list, b_list = [], []
+    for m, n, r in shapes:
+        # a trained-looking adapter: a few strong directions over a noise floor, B random (not zero)
+        a = torch.randn(r, n, generator=g) / math.sqrt(n)
+        b = torch.randn(m, r, generator=g) * torch.logspace(0, -2, r).unsqueeze(0)
+        a_list.append(a.to(device, dtype))
+        b_list.append(b.to(device, dtype))
+    return a_list, b_list
+
+
+def stacked(a_list, b_list):
+    """Adapters grouped by shape and stacked, so the torch baselines get batched calls (their best case)."""
+    groups: dict[tuple, tuple[list, list]] = {}
+    for a, b in zip(a_list, b_list, strict=True):
+        key = (tuple(a.shape), tuple(b.shape))
+        groups.setdefault(key, ([], []))
+        groups[key][0].append(a)
+        groups[key][1].append(b)
+    return [(torch.stack(a), torch.stack(b)) for a, b in groups.values()]
+
+
+def torch_qr(groups):
+    out = []
+    for a, b in groups:
+        r_b = torch.linalg.qr(b, mode="r").R
+        r_a = torch.linalg.qr(a.mT, mode="r").R
+        out.append(torch.linalg.svdvals(r_b @ r_a.mT))
+    return out
+
+
+def dense_svd(groups):
+    return [torch.linalg.svdvals(b @ a)[..., : a.shape[-2]] for a, b in groups]
+
+
+def svd_lowrank(groups):
+    out = []
+    for a, b in groups:
+        for i in range(a.shape[0]):
+            out.append(torch.svd_lowrank(b[i] @ a[i], q=a.shape[-2], niter=2)[1])
+    return out
+
+
+def reference_sigma(a_list, b_list) -> list[torch.Tensor]:
+    """float64 σ of every adapter: the dense SVD at BERT size, the float64 QR route at 7B size (dense is hours)."""
+    if a_list[0].shape[-1] <= 1024:
+        return [
+            torch.linalg.svdvals(b.double() @ a.double())[: a.shape[0]] for a, b in zip(a_list, b_list, strict=True)
+        ]
+    return [
+        s[0]
+        for s in lowrank_svdvals_ref(
+            [a.double()[None] for a in a_list], [b.double()[None] for b in b_list], [1.0] * len(a_list)
+        )
+    ]
+
+
+_REFERENCE: dict[tuple[str, str], list[torch.Tensor]] = {}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape_id", list(SHAPES))
+@pytest.mark.parametrize("device", devices())
+def test_lowrank_svd(benchmark, machine, provider, shape_id, device):
+    shapes = SHAPES[shape_id]
+    is_7b = shape_id.startswith("llama")
+    if provider == "dense_svd" and is_7b and device == "cpu" and not os.environ.get("LORA_FAST_BENCH_DENSE_7B"):
+        pytest.skip("dense SVD of 224 7B-size adapters takes tens of minutes on CPU (LORA_FAST_BENCH_DENSE_7B=1)")
+    a_list, b_list = make_adapters(shapes, device)
+    groups = stacked(a_list, b_list)
+
+    if provider == "lora_fast":
+        fn = lambda: singular_values(a_list, b_list)
+    elif provider == "ref":
+        fn = lambda: lowrank_svdvals_ref([a for a, _ in groups], [b for _, b in groups], [1.0] * len(groups))
+    else:
+        fn = {"torch_qr": torch_qr, "dense_svd": dense_svd, "svd_lowrank": svd_lowrank}[provider]
+        fn = (lambda f: lambda: f(groups))(fn)
+
+    benchmark.group = f"{shape_id}-{device}"
+    benchmark.extra_info.update(
+        provider=provider,
+        baseline="dense_svd",
+        ours="lora_fast",
+        adapters=len(shapes),
+        shape=f"{shapes[0][0]}x{shapes[0][1]}" + ("+4096x11008" if is_7b else ""),
+        rank=shapes[0][2],
+        dtype="float32",
+        device=device,
+        **machine,
+    )
+
+    def run():
+        out = fn()
+        sync(device)
+        return out
+
+    slow = provider in ("dense_svd", "svd_lowrank") or (is_7b and provider != "lora_fast")
+    out = benchmark.pedantic(run, rounds=1, iterations=1) if slow else benchmark(run)
+
+    if provider == "svd_lowrank":  # randomized: approximate by design
+        benchmark.extra_info.update(max_sigma_err_rel=None, note="randomized")
+        return
+    sigma = out if provider == "lora_fast" else [s for t in out for s in t]  # groups follow the input order
+    key = (shape_id, device)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = reference_sigma([a.cpu() for a in a_list], [b.cpu() for b in b_list])
+    ref = _REFERENCE[key]
+    err = max(((s.double().cpu() - t).abs().max() / t.max()).item() for s, t in zip(sigma, ref, strict=True))
+    ranks_equal = energy_rank([s.double().cpu() for s in sigma]) == energy_rank(ref)
+    benchmark.extra_info.update(
+        max_sigma_err_rel=err,
+        energy_ranks_equal_reference=ranks_equal,
+        note=f"max σ err/σmax {err:.1e}, energy ranks {'==' if ranks_equal else '!='} reference",
+    )

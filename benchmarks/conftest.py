@@ -1,0 +1,84 @@
+"""Shared benchmark plumbing: a ratio table printed at the end of ``pytest benchmarks --benchmark-only``.
+
+Each benchmark sets ``benchmark.group`` to a shape id and ``benchmark.extra_info`` with at least ``provider``,
+``baseline`` (the provider its speedups are relative to) and ``ours`` (our provider in that group). The table
+shows, per group, every provider's median time, its speedup over the baseline, and how many times slower it is
+than ours.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def machine_info() -> dict[str, str]:
+    """Where a number was measured: CPU model and threads, GPU name, torch version, git sha."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        sha = ""
+    return {
+        "cpu": cpu,
+        "threads": str(torch.get_num_threads()),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "torch": torch.__version__,
+        "git_sha": sha,
+    }
+
+
+@pytest.fixture(scope="session")
+def machine() -> dict[str, str]:
+    return machine_info()
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    benchmarks = [b for b in getattr(session, "benchmarks", []) if b.extra_info.get("provider")]
+    if not benchmarks:
+        return
+    write = terminalreporter.write_line
+    info = machine_info()
+    write("")
+    write(
+        f"lora_fast ratio table — {info['cpu']}, {info['threads']} threads, GPU {info['gpu']}, "
+        f"torch {info['torch']}, git {info['git_sha']}"
+    )
+    groups: dict[str, list] = {}
+    for bench in benchmarks:
+        groups.setdefault(bench.group or bench.name, []).append(bench)
+    for group, members in groups.items():
+        median = {b.extra_info["provider"]: b.stats.median for b in members}
+        baseline = members[0].extra_info.get("baseline")
+        ours = members[0].extra_info.get("ours")
+        write("")
+        write(f"[{group}]")
+        write(f"  {'provider':<22}{'median':>12}{'speedup vs ' + str(baseline):>28}{'x slower than ' + str(ours):>28}")
+        for bench in sorted(members, key=lambda b: b.stats.median):
+            provider = bench.extra_info["provider"]
+            t = median[provider]
+            vs_base = f"{median[baseline] / t:.2f}x" if baseline in median else "-"
+            vs_ours = f"{t / median[ours]:.2f}x" if ours in median else "-"
+            note = bench.extra_info.get("note", "")
+            write(f"  {provider:<22}{t * 1e3:>10.3f}ms{vs_base:>28}{vs_ours:>28}  {note}")
