@@ -44,13 +44,15 @@ def machine() -> dict[str, str]:
     return machine_info()
 
 
-def devices() -> list[str]:
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+@pytest.fixture(scope="session")
+def sync():
+    """Waits for queued GPU work, so a timed call includes it (no-op on CPU)."""
 
+    def wait(device: str) -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    return wait
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

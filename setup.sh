@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs lora_fast and everything its tests and experiments need into the active Python environment.
+# torch is pinned to the CPU wheel first: an unpinned torch (or peft in an env without torch) pulls a multi-GB
+# CUDA build. The extension is then built against that torch (--no-build-isolation).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# Offline data for the experiments (Debian packages); skipped with a note where apt is not available.
+DEBIAN_PACKAGES="wordnet-base dataset-fashion-mnist fortunes fortunes-min"
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $DEBIAN_PACKAGES >/dev/null \
+    || echo "setup.sh: could not install $DEBIAN_PACKAGES; dataset loaders will say what is missing"
+else
+  echo "setup.sh: not root or no apt-get: install $DEBIAN_PACKAGES yourself for the experiments"
+fi
+
+python -m pip install -q --upgrade pip
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install -q "torch==${LORA_FAST_TORCH_VERSION:-2.13.0}"
+fi
+python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
+python -m pip install -q --no-build-isolation ".[experiments,test]"
+python -c "import lora_fast, lora_fast.ops._backend as b; print('lora_fast installed; backends:', b.available_backends())"
