@@ -20,4 +20,5 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 python -m pip install -q --no-build-isolation ".[experiments,test]"
-python -c "import lora_fast, lora_fast.ops._backend as b; print('lora_fast installed; backends:', b.available_backends())"
+# from / so the installed package is checked, not the source tree in the current directory
+(cd / && python -c "import lora_fast.ops._backend as b; print('lora_fast installed; backends:', b.available_backends())")

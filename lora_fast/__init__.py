@@ -14,14 +14,14 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "available_backends": "lora_fast.ops._backend",
     "LoraLinear": "lora_fast.layers",
-    "inject": "lora_fast.inject",
-    "merge": "lora_fast.inject",
-    "unmerge": "lora_fast.inject",
+    "inject": "lora_fast.injection",
+    "merge": "lora_fast.injection",
+    "unmerge": "lora_fast.injection",
     "from_peft": "lora_fast.peft_io",
     "save_adapter": "lora_fast.peft_io",
     "load_adapter": "lora_fast.peft_io",
 }
-_SUBMODULES = ("energy_rank", "ops", "layers", "inject", "peft_io", "train", "data", "allocation")
+_SUBMODULES = ("energy_rank", "ops", "layers", "injection", "peft_io", "train", "data", "allocation")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

@@ -1,0 +1,129 @@
+"""``LoraLinear``: a frozen linear layer plus a trainable low-rank update, computed by ``lora_fast::lora_linear``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch import nn
+
+from lora_fast.ops.lora_linear import lora_linear
+
+__all__ = ["LoraLinear", "as_linear", "is_conv1d"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for GPT-2 style ``Conv1D`` (weight stored (in, out), y = x W + b), recognised without importing it."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """The layer itself if it is an ``nn.Linear``; a ``Conv1D`` becomes an equivalent ``nn.Linear`` (W transposed).
+
+    Args:
+        module: an ``nn.Linear`` or a transformers ``Conv1D``.
+    """
+    if isinstance(module, nn.Linear):
+        return module
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        weight = module.weight.detach()
+        linear = nn.Linear(in_features, out_features, bias=module.bias is not None, device=weight.device)
+        linear.to(weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.t())
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        linear.weight.requires_grad_(module.weight.requires_grad)
+        if module.bias is not None:
+            linear.bias.requires_grad_(module.bias.requires_grad)
+        return linear
+    raise ValueError(f"LoRA supports nn.Linear and transformers Conv1D layers, not {type(module).__name__}")
+
+
+class LoraLinear(nn.Module):
+    """``y = base_layer(x) + scaling · dropout(x) lora_Aᵀ lora_Bᵀ`` with the base layer frozen.
+
+    ``lora_A`` (r, k) is Kaiming-uniform (a=√5) and ``lora_B`` (n, r) zeros, as in PEFT, so the layer starts as the
+    base layer. A ``Conv1D`` base is stored as the equivalent ``nn.Linear`` (its weight transposed once).
+
+    Args:
+        base_layer: the ``nn.Linear`` or ``Conv1D`` to adapt; its parameters are frozen.
+        r: rank, >= 1.
+        lora_alpha: alpha; ``scaling = alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: dropout probability on the LoRA branch's input during training.
+        use_rslora: rank-stabilised scaling.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRA rank must be a positive int, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        # remembered so that a saved PEFT config says fan_in_fan_out for GPT-2 style models, as PEFT's own does
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.base_layer = as_linear(base_layer)
+        self.base_layer.requires_grad_(False)
+        weight = self.base_layer.weight
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.r = r
+        self.lora_alpha = float(lora_alpha)
+        self.use_rslora = use_rslora
+        self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.dropout = float(dropout)
+        self.merged = False
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=weight.dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        lora_A, lora_B = self.lora_A, self.lora_B
+        if lora_A.dtype != x.dtype:  # e.g. fp32 adapters on a bf16 model: cast the small factors, not x
+            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+            bias = bias.to(x.dtype) if bias is not None else None
+        dropout_p = self.dropout if self.training else 0.0
+        return lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, dropout_p)
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """``scaling · B A`` (n, k) in fp32."""
+        return self.lora_B.float() @ self.lora_A.float() * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (W += s B A); forward then costs one plain linear."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        # sum in fp32 so a bf16 weight is rounded once, not once for the delta and once for the sum
+        weight.copy_(weight.float() + self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge`` (W -= s B A)."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.copy_(weight.float() - self.delta_weight())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, merged={self.merged}"
+        )
