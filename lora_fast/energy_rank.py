@@ -320,12 +320,19 @@ def _pairs_from_module(model: torch.nn.Module, adapter_name: str | None):
                 b = lora_b[adapter].weight
                 # conv adapters: A (r, in, kh, kw) and B (out, r, 1, 1) act as r×(in·kh·kw) and out×r
                 pairs.append((name, adapter, a.flatten(1), b.flatten(1), float(module.scaling[adapter])))
-        for attr_a, attr_b in (("lora_embedding_A", "lora_embedding_B"),):
-            emb_a, emb_b = getattr(module, attr_a, None), getattr(module, attr_b, None)
-            if isinstance(emb_a, torch.nn.ParameterDict) and isinstance(emb_b, torch.nn.ParameterDict):
-                for adapter in emb_a:
-                    if adapter_name is None or adapter == adapter_name:
-                        pairs.append((name, adapter, emb_a[adapter], emb_b[adapter], float(module.scaling[adapter])))
+        elif isinstance(lora_a, torch.nn.ParameterDict) and isinstance(
+            getattr(module, "lora_E", None), torch.nn.ParameterDict
+        ):
+            # PEFT AdaLoRA: ΔW = B (A ⊙ E) · scaling / (ranknum + 1e-5); pruned triplets have E = 0
+            for adapter in lora_a:
+                if adapter_name is None or adapter == adapter_name:
+                    scaling = float(module.scaling[adapter]) / (float(module.ranknum[adapter]) + 1e-5)
+                    pairs.append((name, adapter, lora_a[adapter] * module.lora_E[adapter], lora_b[adapter], scaling))
+        emb_a, emb_b = getattr(module, "lora_embedding_A", None), getattr(module, "lora_embedding_B", None)
+        if isinstance(emb_a, torch.nn.ParameterDict) and isinstance(emb_b, torch.nn.ParameterDict):
+            for adapter in emb_a:  # PEFT Embedding: ΔWᵀ = B A, same singular values
+                if adapter_name is None or adapter == adapter_name:
+                    pairs.append((name, adapter, emb_a[adapter], emb_b[adapter], float(module.scaling[adapter])))
     return pairs
 
 

@@ -315,6 +315,24 @@ def test_analyze_saved_adapter_matches_model(tmp_path, backend):
     assert [rec.energy_rank for rec in with_config] == [from_model[rec.name].energy_rank for rec in with_config]
 
 
+def test_analyze_adalora_model(backend):
+    peft = pytest.importorskip("peft")
+    config = peft.AdaLoraConfig(init_r=6, target_r=3, lora_alpha=12, target_modules=["query", "value"], total_step=10)
+    model = peft.get_peft_model(TinyModel(), config)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name or "lora_E" in name:
+            torch.nn.init.normal_(param)
+    module = model.get_submodule("base_model.model.layer.1.value")
+    module.lora_E["default"].data[4:] = 0  # two pruned triplets: the update has rank 4
+    records = {rec.name: rec for rec in analyze(model)}
+    assert len(records) == 6
+    rec = records["layer.1.value"]
+    ref = torch.linalg.svdvals(module.get_delta_weight("default").double())[:6]
+    assert_sigma_close(rec.sigma, ref, torch.float32)
+    assert rec.r == 6 and int(energy_rank(rec.sigma, 0.999999)) == 4
+
+
 def test_analyze_duck_typed_lora_modules(backend):
     class Adapter(torch.nn.Module):
         def __init__(self, n_in, n_out, r, scaling):

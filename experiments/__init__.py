@@ -1,0 +1,1 @@
+"""Experiments on what rank LoRA adapters learn; run them with ``python experiments/run.py``."""
