@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from lora_fast.injection import match_pattern
 from lora_fast.ops.lowrank_svd import dense_svdvals
 from lora_fast.ops.lowrank_svd import lowrank_svdvals
 from lora_fast.ops.lowrank_svd import lowrank_svdvals_eager
@@ -282,16 +283,8 @@ def _layer_and_kind(name: str) -> tuple[int | None, str]:
     return (int(match.group(1)) if match else None), (inner if last in _GENERIC_KINDS else last)
 
 
-def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
-    # PEFT's rule: a key matches a module whose name is the key or ends with "." + key (keys may be regexes)
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?{key}$", name):
-            return value
-    return default
-
-
 def _scaling_from_config(config: Mapping[str, Any], name: str, r: int) -> float:
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r))
+    alpha = match_pattern(config.get("alpha_pattern"), name, config.get("lora_alpha", r))
     return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
 
 

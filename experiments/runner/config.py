@@ -12,13 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Sized for a 2-core CPU. With length bucketing a WordNet batch of 16 pads to ~18 tokens; a 6-layer MiniLM step then
-# costs ~0.13 s with LoRA and ~0.3 s for full fine-tuning (2 threads), so studies 1-3 (5 full + 11 LoRA runs of 80
-# steps) take ~5 min and leave the rest of 15 min to the other studies. Runs are short (3.3 epochs over 384 examples,
-# one class subset per n): they show the pipeline and the direction of the trends, not the study's statistics.
+# Sized for a 2-core CPU: measured on an idle one, a whole 64-step run (setup, training, eval, analysis) took
+# 31-48 s with LoRA and 42-68 s for full fine-tuning, which put the default at ~20 min. So studies 1-3 use 48 steps
+# and 4 class counts (4 full + 10 LoRA runs). Runs are short (2 epochs over 384 examples, one class subset per n):
+# they show the pipeline and the direction of the trends, not the study's statistics.
 DEFAULT_CONFIG: dict[str, Any] = {
     "name": "default-cpu-small",
-    "scale": "SMALL-SCALE CPU DEMO (6-layer MiniLM, 80 steps per run, one class subset per n); not the study's scale",
+    "scale": "SMALL-SCALE CPU DEMO (6-layer MiniLM, 48 steps per run for studies 1-3, 36 for the LoRA-vs-full and "
+             "allocation studies, one class subset per n); not the study's scale",
     "seed": 0,
     "device": "auto",
     "progress": True,
@@ -31,15 +32,15 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "test_fraction": 0.2,
         # 34 of the 45 lexicographer files have >= 500 glosses
         "min_per_class": 500,
-        "class_counts": [2, 4, 8, 16, 32],
+        "class_counts": [2, 4, 8, 32],
         "subsets_per_count": 1,
         "train_size": 384,
         "eval_size": 200,
         "energy_threshold": 0.95,
         "snapshot_every": 16,
-        "lora": {"targets": ["query", "key", "value"], "r": 8, "alpha": 16, "lr": 2e-3, "max_steps": 64,
+        "lora": {"targets": ["query", "key", "value"], "r": 8, "alpha": 16, "lr": 2e-3, "max_steps": 48,
                  "batch_size": 16},
-        "full": {"lr": 1e-4, "max_steps": 64, "batch_size": 16},
+        "full": {"lr": 1e-4, "max_steps": 48, "batch_size": 16},
     },
     "layerwise": {"source": "rank_vs_classes"},
     "label_noise": {
@@ -53,7 +54,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "eval_size": 200,
         "energy_threshold": 0.95,
         "snapshot_every": 0,
-        "lora": {"targets": ["query", "key", "value"], "r": 8, "alpha": 16, "lr": 2e-3, "max_steps": 64,
+        "lora": {"targets": ["query", "key", "value"], "r": 8, "alpha": 16, "lr": 2e-3, "max_steps": 48,
                  "batch_size": 16},
     },
 }  # fmt: skip
