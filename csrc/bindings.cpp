@@ -5,7 +5,6 @@
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lora_fast compiled ops; the ops are registered as torch.ops.lora_fast_C.*";
   m.attr("torch_version") = LORA_FAST_TORCH_VERSION;
-  m.attr("cuda_built") = static_cast<bool>(LORA_FAST_CUDA_BUILT);
 #ifdef LORA_FAST_OPENMP
   m.attr("openmp") = true;
 #else

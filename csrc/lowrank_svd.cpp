@@ -174,12 +174,13 @@ LF_MULTIVERSION void householder_r(double* x, int64_t rows, int64_t len, double*
 // Singular values of the n x n matrix whose columns are the rows of c (destroyed), by one-sided Jacobi
 // (Hestenes). High relative accuracy; converges in ~6-10 sweeps at n <= 64. Writes n values, descending.
 LF_MULTIVERSION void jacobi_svdvals(double* c, int64_t n, double* sigma) {
-  std::vector<double> norm2(n);
-  for (int64_t p = 0; p < n; ++p) {
+  auto column_norm2 = [c, n](int64_t p) {
     double s = 0;
     for (int64_t t = 0; t < n; ++t) s += c[p * n + t] * c[p * n + t];
-    norm2[p] = s;
-  }
+    return s;
+  };
+  std::vector<double> norm2(n);
+  for (int64_t p = 0; p < n; ++p) norm2[p] = column_norm2(p);
   constexpr double tol = 4 * std::numeric_limits<double>::epsilon();
   for (int sweep = 0; sweep < 60; ++sweep) {
     bool rotated = false;
@@ -208,17 +209,9 @@ LF_MULTIVERSION void jacobi_svdvals(double* c, int64_t n, double* sigma) {
     }
     if (!rotated) break;
     // Refresh the running norms once per sweep so rounding in the updates cannot accumulate.
-    for (int64_t p = 0; p < n; ++p) {
-      double s = 0;
-      for (int64_t t = 0; t < n; ++t) s += c[p * n + t] * c[p * n + t];
-      norm2[p] = s;
-    }
+    for (int64_t p = 0; p < n; ++p) norm2[p] = column_norm2(p);
   }
-  for (int64_t p = 0; p < n; ++p) {
-    double s = 0;
-    for (int64_t t = 0; t < n; ++t) s += c[p * n + t] * c[p * n + t];
-    sigma[p] = std::sqrt(s);
-  }
+  for (int64_t p = 0; p < n; ++p) sigma[p] = std::sqrt(column_norm2(p));
   std::sort(sigma, sigma + n, std::greater<double>());
 }
 
