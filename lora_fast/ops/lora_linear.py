@@ -2,12 +2,13 @@
 
 ``lora_linear_ref`` is the plain-autograd oracle (tests, benchmarks). The op itself is registered as
 ``torch.ops.lora_fast.lora_linear`` / ``lora_linear_backward`` (``torch.library.custom_op`` + fake + autograd), and
-``lora_linear`` calls it while torch.compile traces (``fullgraph=True`` works); eager calls run the same
-implementation through a plain ``autograd.Function``, which skips the custom-op boundary's Python overhead (see
-``_LoraLinearFunction``). Each call picks a backend with
-``select_backend``: Triton kernels (``lora_fast.ops.triton.lora_linear``) for CUDA tensors, and for CPU tensors a
-plain-PyTorch path that writes the LoRA term into the base output with ``addmm_`` (no ``s·…`` and ``+`` copies as in
-PEFT's ``result + lora_B(lora_A(x)) * s``) and computes only the gradients autograd asks for (never dW of a frozen W).
+``lora_linear`` calls it while torch.compile traces (``fullgraph=True`` works); eager calls apply the op's one
+autograd definition (``_LoraLinearFunction``) directly, which skips the custom-op boundary's Python overhead.
+``lora_linear`` also holds the dtype policy: ``nn.Linear``'s, autocast included (see its docstring). Each call picks
+a backend with ``select_backend``: Triton kernels (``lora_fast.ops.triton.lora_linear``) for CUDA tensors, and for
+CPU tensors a plain-PyTorch path that writes the LoRA term into the base output with ``addmm_`` (no ``s·…`` and
+``+`` copies as in PEFT's ``result + lora_B(lora_A(x)) * s``) and computes only the gradients autograd asks for
+(never dW of a frozen W).
 
 The forward saves ``xa = dropout(x) Aᵀ`` (M×r) besides the inputs, never a second copy of x. With dropout the
 Triton kernels regenerate the mask from the integer seed in backward (Philox, free on a GPU); the PyTorch path saves
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from lora_fast.ops._backend import select_backend
 
-__all__ = ["dropout_keep_mask", "lora_linear", "lora_linear_ref"]
+__all__ = ["autocast_dtype", "dropout_keep_mask", "lora_linear", "lora_linear_ref"]
 
 _IMPLEMENTED = ("ref", "triton")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -235,56 +236,65 @@ def _lora_linear_backward_fake(dy, x, weight, lora_A, lora_B, xa, keep, scaling,
     return [x.new_empty(shape) if need else x.new_empty(0) for shape, need in zip(shapes, needs, strict=True)]
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    _, xa, keep = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, keep)
-    ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-    ctx.has_bias = bias is not None
-
-
-def _needs(ctx) -> list[bool]:
-    need_x, need_W, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
-    return [need_x, need_W, need_bias and ctx.has_bias, need_A, need_B]
-
-
-def _backward(ctx, grad_y, grad_xa, grad_keep):
-    x, weight, lora_A, lora_B, xa, keep = ctx.saved_tensors
-    needs = _needs(ctx)
-    grads = _lora_linear_backward_op(
-        grad_y.contiguous(), x, weight, lora_A, lora_B, xa, keep, ctx.scaling, ctx.dropout_p, ctx.seed, needs
-    )
-    dx, d_W, d_bias, d_A, d_B = (g if need else None for g, need in zip(grads, needs, strict=True))
-    return dx, d_W, d_bias, d_A, d_B, None, None, None
-
-
-_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
-
-
 class _LoraLinearFunction(torch.autograd.Function):
-    """The same forward/backward as the registered op, for eager mode.
+    """The op's one autograd definition: the registered op uses its ``setup_context`` and ``backward``, and eager
+    calls run it directly (``apply``), without the custom-op boundary.
 
-    The custom-op boundary (Python autograd kernel, redispatch, a second op for backward, empty placeholders for
-    unneeded grads) costs ~0.9 ms per forward+backward on this 2-core CPU, paid per adapted layer and step: at M=32,
-    k=n=64, r=16 (1 thread, min of 6×500 steps) 1.80 ms through the op, 0.90 ms through this Function, 0.71 ms for
-    PEFT's layer. Outside torch.compile this Function runs the identical implementation without it.
+    That boundary (Python autograd kernel, redispatch, empty placeholders for unneeded grads) costs ~0.9 ms per
+    forward+backward on this 2-core CPU, paid per adapted layer and step: at M=32, k=n=64, r=16 (1 thread, min of
+    6×500 steps) 1.80 ms through the op, 0.90 ms through this Function, 0.71 ms for PEFT's layer. ``backward`` calls
+    the registered backward op only while torch.compile traces it (the graph then holds one opaque node, which the
+    Triton kernels need: they cannot run on fake tensors), and the implementation directly otherwise.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        y, xa, keep = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, keep)
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-        ctx.has_bias = bias is not None
-        return y
+    def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        return _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+        _, xa, keep = output
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, keep)
+        ctx.mark_non_differentiable(xa, keep)
+        ctx.set_materialize_grads(False)  # no zero-filled M×r gradient for xa, which only backward reads
+        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_xa, grad_keep):
+        need_x, need_W, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+        needs = [need_x, need_W, need_bias and ctx.has_bias, need_A, need_B]
+        if grad_y is None:  # y did not reach the loss
+            return None, None, None, None, None, None, None, None
         x, weight, lora_A, lora_B, xa, keep = ctx.saved_tensors
-        grads = _backward_impl(
-            grad_y.contiguous(), x, weight, lora_A, lora_B, xa, keep, ctx.scaling, ctx.dropout_p, ctx.seed, _needs(ctx)
-        )
+        args = (grad_y.contiguous(), x, weight, lora_A, lora_B, xa, keep, ctx.scaling, ctx.dropout_p, ctx.seed, needs)
+        if torch.compiler.is_compiling():
+            grads = [g if need else None for g, need in zip(_lora_linear_backward_op(*args), needs, strict=True)]
+        else:
+            grads = _backward_impl(*args)
         return (*grads, None, None, None)
+
+
+_lora_linear_op.register_autograd(_LoraLinearFunction.backward, setup_context=_LoraLinearFunction.setup_context)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs ``nn.Linear`` in on ``device_type`` right now, or None when it is off.
+
+    Args:
+        device_type: ``"cpu"``, ``"cuda"``, … (a tensor's ``device.type``).
+    """
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # autocast's rule for its lower-precision ops: floating tensors other than float64 are cast, the rest pass
+    if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)
 
 
 def lora_linear(
@@ -297,7 +307,12 @@ def lora_linear(
     dropout_p: float = 0.0,
     seed: int | None = None,
 ) -> Tensor:
-    """``x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ`` through the registered op (autograd, torch.compile, backend dispatch).
+    """``x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ`` through the registered op (autograd, autocast, torch.compile, dispatch).
+
+    dtypes follow ``nn.Linear``: all inputs share one dtype, except under ``torch.autocast`` for x's device type,
+    where every floating input but float64 is cast to the autocast dtype first (CPU: bf16 or fp16; CUDA: fp16 or
+    bf16) and y comes out in it. The casts are differentiable, so fp32 LoRA factors (master weights) get fp32
+    gradients, computed in the autocast dtype as PEFT's under the same autocast.
 
     Args:
         x: input (..., k).
@@ -321,6 +336,9 @@ def lora_linear(
         raise ValueError(f"bias must be ({n},), got {tuple(bias.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    cast_to = autocast_dtype(x.device.type)
+    if cast_to is not None:
+        x, weight, bias, lora_A, lora_B = (_autocast(t, cast_to) for t in (x, weight, bias, lora_A, lora_B))
     if len({x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype} | ({bias.dtype} if bias is not None else set())) > 1:
         raise TypeError(
             f"dtype mismatch: x {x.dtype}, weight {weight.dtype}, lora_A {lora_A.dtype}, lora_B {lora_B.dtype}"
@@ -328,9 +346,7 @@ def lora_linear(
         )
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    args = (x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed or 0)
     if torch.compiler.is_compiling():
-        y, _, _ = torch.ops.lora_fast.lora_linear(
-            x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed or 0
-        )
-        return y
-    return _LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed or 0)
+        return torch.ops.lora_fast.lora_linear(*args)[0]
+    return _LoraLinearFunction.apply(*args)[0]
