@@ -12,9 +12,9 @@ import pytest
 import torch
 
 # Run as a script by every process. The model and data are built identically everywhere; DDP would broadcast rank
-# 0's parameters anyway. Only rank 0 writes the adapters; every rank prints its TrainResult as one JSON line.
+# 0's parameters anyway. Only the main process saves the adapters; every rank leaves its metrics in a JSON file.
 WORKER = r"""
-import json, sys
+import json, os, sys
 import torch
 from torch import nn
 import lora_fast
@@ -36,30 +36,32 @@ with torch.no_grad():
 config = TrainConfig(max_steps=12, lr=1e-2, batch_size=16, eval_batch_size=10, warmup_ratio=0.25, progress=False,
                      device="cpu", precision="fp32", snapshot_every=4, length_buckets=1)
 result = train(model, blobs(96, 1), blobs(50, 2), config)
+rank = os.environ.get("RANK", "0")
 if is_main_process():
-    torch.save({k: v for k, v in model.state_dict().items() if "lora_" in k}, sys.argv[1])
+    torch.save({k: v for k, v in model.state_dict().items() if "lora_" in k}, f"{sys.argv[1]}-adapters-rank{rank}.pt")
 keys = ("accuracy", "macro_f1", "eval_loss", "train_loss", "steps", "world_size", "snapshots", "precision")
-print("RESULT " + json.dumps({k: getattr(result, k) for k in keys}), flush=True)
+with open(f"{sys.argv[1]}-result-rank{rank}.json", "w") as fh:
+    json.dump({k: getattr(result, k) for k in keys}, fh)
 """
 
 
-def _run(args: list[str], tmp_path: Path) -> list[dict]:
+def _run(args: list[str], tmp_path: Path, prefix: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run([*args, prefix], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    return [json.loads(path.read_text()) for path in sorted(tmp_path.glob(f"{prefix}-result-rank*.json"))]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 def test_torchrun_two_cpu_processes_match_one(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    single = _run([sys.executable, str(script), str(tmp_path / "single.pt")], tmp_path)
+    single = _run([sys.executable, str(script)], tmp_path, "single")
     # torchrun itself, as README says; `python -m torch.distributed.run` where the console script is not on PATH
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    ranks = _run([*launcher, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "ddp.pt")], tmp_path)
+    ranks = _run([*launcher, "--standalone", "--nproc_per_node", "2", str(script)], tmp_path, "ddp")
 
     assert len(single) == 1 and len(ranks) == 2
     assert ranks[0] == ranks[1]  # metrics, losses and snapshots reduced or broadcast: identical on every rank
@@ -68,8 +70,9 @@ def test_torchrun_two_cpu_processes_match_one(tmp_path: Path) -> None:
     assert two["accuracy"] == one["accuracy"] and two["snapshots"] == one["snapshots"] and len(two["snapshots"]) == 3
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
-    adapters, reference = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
+    saved = sorted(p.name for p in tmp_path.glob("*.pt"))
+    assert saved == ["ddp-adapters-rank0.pt", "single-adapters-rank0.pt"]  # is_main_process() held on rank 0 only
+    adapters, reference = (torch.load(tmp_path / name) for name in saved)
     assert adapters.keys() == reference.keys() and len(adapters) == 4
     for name, value in adapters.items():
         torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.pt", "single.pt", "worker.py"]  # rank 1 wrote nothing
