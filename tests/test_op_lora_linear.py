@@ -349,3 +349,36 @@ def test_triton_kernels_compile_for_sm90() -> None:
     result = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("compiled") == 9
+
+
+def test_autocast_casts_an_input_shared_by_several_layers_once() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and args[0].shape == (9, 45):
+                self.casts += 1
+            return func(*args, **kwargs)
+
+    layers = [_inputs((9,), 45, 53, r, torch.float32, seed=r)[1:5] for r in (2, 3, 4)]  # q, k, v reading one x
+    x = torch.randn(9, 45, requires_grad=True)
+    grads = []
+    for shared in (True, False):
+        counter = CountCasts()
+        with torch.autocast("cpu", dtype=torch.bfloat16), counter:
+            inputs = [x if shared else x.clone() for _ in layers]  # clones: three different inputs, three casts
+            outputs = [lora_linear(inp, *params, 0.5) for inp, params in zip(inputs, layers, strict=True)]
+        assert counter.casts == (1 if shared else 3)
+        grads.append(torch.autograd.grad(sum(y.float().sum() for y in outputs), x)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-2, atol=1e-2)  # bf16 sum before the cast vs after
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = lora_linear(x, *layers[0], 0.5)
+        with torch.no_grad():
+            x.add_(1.0)  # a changed input is cast again, not taken from the previous call
+        after = lora_linear(x, *layers[0], 0.5)
+        assert not torch.equal(before, after)
