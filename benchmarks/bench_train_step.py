@@ -1,7 +1,8 @@
 """One LoRA training step of all-MiniLM-L6-v2 against PEFT and the frozen model's floor, in fp32 and bf16 autocast.
 
 Step: batch 32 × 32 tokens, 8 classes, forward (under ``torch.autocast`` for bf16), cross-entropy, backward, AdamW
-(fused) step and ``zero_grad``, the loop a user writes, identical for every provider. Providers:
+(fused) step and ``zero_grad``, the loop a user writes, identical for every provider; on the CPU with 2 threads (the
+issue's setting), or on the GPU when one is visible. Providers:
 
 - ``floor``: the same model with every parameter frozen, forward + backward through the activations (the input of
   layer 0 requires grad), no optimizer: what the step costs before any adapter exists.
@@ -13,7 +14,8 @@ its precision (``setup``), so every provider runs beside the same background loa
 
     pytest benchmarks/bench_train_step.py --benchmark-only            # ~3 min on 2 cores
 
-For figures on a shared machine, interleave every provider round by round in one process and compare medians:
+For figures on a shared machine, interleave every provider round by round in one process; ratios are medians of
+the per-round ratios:
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train_step.py --rounds 30
 """
@@ -33,6 +35,7 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROVIDERS = ("floor", "peft", "ours")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 BATCH, TOKENS, CLASSES, RANK, ALPHA, THREADS = 32, 32, 8, 8, 16, 2
@@ -51,7 +54,7 @@ def _model() -> nn.Module:
 
 def make_step(provider: str, precision: str) -> Callable[[], None]:
     """A closure running one training step of ``provider`` in ``precision`` on a fixed batch."""
-    model = _model().train()
+    model = _model().to(DEVICE).train()
     optimizer = None
     if provider == "floor":
         model.requires_grad_(False)
@@ -61,25 +64,28 @@ def make_step(provider: str, precision: str) -> Callable[[], None]:
         if provider == "peft":
             import peft
 
-            model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS))
+            config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS)
+            model = peft.get_peft_model(model, config).to(DEVICE)
         else:
             import lora_fast
 
             lora_fast.inject(model, TARGETS, r=RANK, alpha=ALPHA)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (BATCH, TOKENS), generator=gen)
+    ids = torch.randint(1000, 20000, (BATCH, TOKENS), generator=gen).to(DEVICE)
     mask = torch.ones_like(ids)
-    labels = torch.randint(0, CLASSES, (BATCH,), generator=gen)
+    labels = torch.randint(0, CLASSES, (BATCH,), generator=gen).to(DEVICE)
     cast = PRECISIONS[precision]
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=cast or torch.bfloat16, enabled=cast is not None):
+        with torch.autocast(DEVICE, dtype=cast or torch.bfloat16, enabled=cast is not None):
             logits = model(input_ids=ids, attention_mask=mask).logits
         F.cross_entropy(logits.float(), labels).backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
 
     step()  # first-call allocations outside the measurement
     return step
@@ -102,7 +108,7 @@ def test_train_step(benchmark, steps, machine, provider: str, precision: str) ->
         for other in others:
             other()
 
-    benchmark.group = f"minilm-L6 q/k/v r={RANK} batch {BATCH}x{TOKENS} {precision} cpu"
+    benchmark.group = f"minilm-L6 q/k/v r={RANK} batch {BATCH}x{TOKENS} {precision} {DEVICE}"
     benchmark.extra_info.update(
         {
             "provider": provider,
@@ -111,7 +117,7 @@ def test_train_step(benchmark, steps, machine, provider: str, precision: str) ->
             "floor": "floor",
             "shape": {"batch": BATCH, "tokens": TOKENS, "rank": RANK, "targets": TARGETS},
             "dtype": precision,
-            "device": "cpu",
+            "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
             **machine,
         }
     )
@@ -133,14 +139,19 @@ def main() -> None:
             start = time.perf_counter()
             steps[key]()
             times[key].append(time.perf_counter() - start)
-    print(f"{args.rounds} interleaved rounds, {THREADS} threads, torch {torch.__version__}; medians [min, max] ms")
+    where = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu, {THREADS} threads"
+    print(f"{args.rounds} interleaved rounds, {where}, torch {torch.__version__}; medians [min, max] ms")
+    # ratios are taken within a round (the providers ran back to back, under the same background load), then the
+    # median over rounds: steadier on a shared machine than a ratio of medians
     for precision in precisions:
-        median = {p: statistics.median(times[(p, precision)]) for p in PROVIDERS}
+        floor, peft = times[("floor", precision)], times[("peft", precision)]
         for p in PROVIDERS:
             t = times[(p, precision)]
+            vs_floor = statistics.median(a / b for a, b in zip(t, floor, strict=True))
+            peft_vs = statistics.median(a / b for a, b in zip(peft, t, strict=True))
             print(
-                f"  {precision} {p:6s} {median[p] * 1e3:7.1f} [{min(t) * 1e3:6.1f}, {max(t) * 1e3:6.1f}]"
-                f"  ×floor {median[p] / median['floor']:.3f}  peft/this {median['peft'] / median[p]:.3f}"
+                f"  {precision} {p:6s} {statistics.median(t) * 1e3:7.1f} [{min(t) * 1e3:6.1f}, {max(t) * 1e3:6.1f}]"
+                f"  ×floor {vs_floor:.3f}  peft/this {peft_vs:.3f}"
             )
 
 

@@ -111,8 +111,8 @@ class LoraLinear(nn.Module):
         """The base weight and bias in ``dtype``; a frozen base is cast once and reused until it changes.
 
         autocast casts a weight that does not require grad again at every call (its cast cache holds only leaves
-        that require grad): 0.8 ms per MiniLM step here (18 × 384² fp32 → bf16), and one more pass over every
-        adapted weight per step on a GPU. The copy costs dtype-size × n × k of memory per adapted layer.
+        that require grad): one pass over every adapted weight per step (10-27 µs per 384×384 fp32 → bf16 cast on
+        this 2-core CPU, 18 of them in a MiniLM q/k/v step). The copy costs dtype-size × n × k of memory per layer.
         """
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if weight.dtype == dtype and (bias is None or bias.dtype == dtype):

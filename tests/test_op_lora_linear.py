@@ -293,14 +293,17 @@ def test_triton_dropout_reproducible_and_only_requested_grads(triton_backend) ->
     assert not torch.equal(keep, triton_backend.dropout_keep_mask((37, 45), 0.5, 6, _device()))
 
 
-# Compiles every kernel (bf16 and fp32, dropout on/off) for sm_90 with Triton's bundled ptxas, without a GPU, in a
-# subprocess because this process's kernels were defined under the interpreter.
-_SM90_COMPILE = r"""
+# Compiles every kernel (bf16 and fp32, dropout on/off) for sm_80 (A100) and sm_90 (H100/H200) with Triton's bundled
+# ptxas, without a GPU, in a subprocess because this process's kernels were defined under the interpreter. Also checks
+# that the autotuned GEMMs are keyed on M's power-of-two bucket, not on M.
+_SM_COMPILE = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lora_fast.ops.triton import lora_linear as T
 
+for launcher in (T._fwd_launch, T._dx_launch):
+    assert list(launcher.keys) == ["M_BUCKET", "N", "K", "R"], launcher.keys
 FP32_BUFFERS = {"db_ptr", "dyb_ptr", "dbias_ptr", "da_ptr"}
 FLOATS = {"p", "inv_keep", "scaling", "dyb_scale"}
 GEMM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}
@@ -309,7 +312,7 @@ KERNELS = [
     (T._xa_kernel, {"HAS_DROPOUT": True, "BLOCK_M": 32, "BLOCK_K": 64, "BLOCK_R": 16}, 4),
     (T._fwd_kernel, {**GEMM, "HAS_BIAS": True, "BLOCK_R": 16}, 8),
     (T._dy_pass_kernel, {**DY_PASS, "NEED_DBIAS": 1, "BLOCK_N": 128, "BLOCK_R": 16}, 4),
-    (T._dy_pass_kernel, {**DY_PASS, "NEED_DBIAS": 0, "BLOCK_N": 32, "BLOCK_R": 256}, 4),
+    (T._dy_pass_kernel, {**DY_PASS, "NEED_DBIAS": 1, "BLOCK_N": 32, "BLOCK_R": 256}, 4),
     (T._dx_kernel, {**GEMM, "HAS_DROPOUT": True, "BLOCK_R": 16}, 8),
     (T._dx_kernel, {**GEMM, "HAS_DROPOUT": False, "BLOCK_R": 64}, 8),
     (T._da_kernel, {"HAS_DROPOUT": True, "BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": 16}, 4),
@@ -317,38 +320,39 @@ KERNELS = [
 ]
 # every kernel in bf16, and the fp32 ("ieee" dot) variant of the forward GEMM; 128-wide fp32 tiles take ~45 s each
 VARIANTS = [("bf16", "tf32", k) for k in KERNELS] + [("fp32", "ieee", KERNELS[1])]
-for dtype, precision, (kernel, constexprs, warps) in VARIANTS:
-    values = {k: bool(v) if k.startswith("NEED_") else v for k, v in constexprs.items()}
-    if dtype == "fp32":
-        values = {k: min(v, 64) if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") else v for k, v in values.items()}
-    signature = {}
-    for param in kernel.params:
-        name = param.name
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-            values.setdefault(name, precision)  # PRECISION, the only constexpr not listed above
-        elif name == "keep_ptr":
-            signature[name] = "*i8"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in FP32_BUFFERS else f"*{dtype}"
-        else:
-            signature[name] = "fp32" if name in FLOATS else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=values)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
-    print("compiled", kernel.__name__, dtype)
+for arch in (80, 90):
+    for dtype, precision, (kernel, constexprs, warps) in VARIANTS:
+        values = {k: bool(v) if k.startswith("NEED_") else v for k, v in constexprs.items()}
+        if dtype == "fp32":
+            values = {k: min(v, 64) if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") else v for k, v in values.items()}
+        signature = {}
+        for param in kernel.params:
+            name = param.name
+            if param.is_constexpr:
+                signature[name] = "constexpr"
+                values.setdefault(name, precision)  # PRECISION, the only constexpr not listed above
+            elif name == "keep_ptr":
+                signature[name] = "*i8"
+            elif name.endswith("_ptr"):
+                signature[name] = "*fp32" if name in FP32_BUFFERS else f"*{dtype}"
+            else:
+                signature[name] = "fp32" if name in FLOATS else "i32"
+        source = ASTSource(fn=kernel, signature=signature, constexprs=values)
+        triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 3})
+        print("compiled", f"sm_{arch}", kernel.__name__, dtype, flush=True)
 """
 
 
 @pytest.mark.slow
-def test_triton_kernels_compile_for_sm90() -> None:
+def test_triton_kernels_compile_for_sm80_and_sm90() -> None:
     import subprocess
     import sys
 
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run([sys.executable, "-c", _SM_COMPILE], capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 9
+    assert result.stdout.count("compiled sm_80") == result.stdout.count("compiled sm_90") == 9
 
 
 def test_autocast_casts_an_input_shared_by_several_layers_once() -> None:

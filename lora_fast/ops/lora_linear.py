@@ -278,7 +278,10 @@ def _backward(ctx, grad_y, grad_xa, grad_keep):
 
 class _LoraLinearFunction(torch.autograd.Function):
     """The op's one autograd definition (``_setup_context`` + ``_backward``, also registered on the op), applied
-    directly in eager mode, without the custom-op boundary.
+    directly in eager mode, without the custom-op boundary (Python autograd kernel, redispatch, a second op for
+    backward, empty placeholders for unneeded gradients): at M=32, k=n=64, r=16 a forward+backward takes 0.42-0.46 ms
+    this way and 0.54-0.60 ms through the op (1 thread, min of 6×500 steps, 2 runs on a loaded 2-core CPU), a saving
+    paid per adapted layer and step.
 
     ``_backward`` calls the registered backward op only while torch.compile traces it (the graph then holds one
     opaque node, which the Triton kernels need: they cannot run on fake tensors), and the implementation directly
