@@ -98,7 +98,7 @@ class LoraLinear(nn.Module):
             return self.base_layer(x)
         lora_A, lora_B = self.lora_A, self.lora_B
         compute_dtype = autocast_dtype(x.device.type)
-        if compute_dtype is None:
+        if compute_dtype is None or x.dtype == torch.float64:  # autocast leaves float64 alone, as nn.Linear does
             compute_dtype = x.dtype
             if lora_A.dtype != x.dtype:  # e.g. fp32 adapters on a bf16 model: cast the small factors, not x
                 lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)

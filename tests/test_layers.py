@@ -223,6 +223,16 @@ def test_half_precision_base_keeps_fp32_factors() -> None:
     torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
 
 
+def test_float64_layer_under_autocast_stays_float64() -> None:
+    layer = LoraLinear(nn.Linear(12, 10).double(), r=2, lora_alpha=2)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, layer(x))
+
+
 def test_frozen_base_is_cast_once_and_recast_after_a_change() -> None:
     layer = LoraLinear(nn.Linear(12, 10), r=2, lora_alpha=2)
     x = torch.randn(3, 12)
