@@ -325,7 +325,7 @@ def _resolve_task(model: nn.Module, task: str) -> str:
 def _labelled(data: ClassificationData, what: str) -> ClassificationData:
     """``data`` without its ignored examples (label -100), after checking every other label is a class index."""
     labels = data.labels
-    if labels.dtype in (torch.bool,) or labels.is_floating_point() or labels.is_complex():
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"{what}: labels must be integers, got {labels.dtype}")
     bad = (labels != _IGNORE_INDEX) & ((labels < 0) | (labels >= data.num_classes))
     if bad.any():
