@@ -1,9 +1,9 @@
 """Shared benchmark plumbing: a ratio table printed at the end of ``pytest benchmarks --benchmark-only``.
 
 Each benchmark sets ``benchmark.group`` to a shape id and ``benchmark.extra_info`` with at least ``provider``,
-``baseline`` (the provider its speedups are relative to) and ``ours`` (our provider in that group). The table
-shows, per group, every provider's median time, its speedup over the baseline, and how many times slower it is
-than ours.
+``baseline`` (the provider its speedups are relative to) and ``ours`` (our provider in that group), and optionally
+``floor`` (the provider that is the hardware floor). The table shows, per group, every provider's median time, its
+speedup over the baseline, how many times slower it is than ours, and its multiple of the floor.
 """
 
 from __future__ import annotations
@@ -74,13 +74,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         median = {b.extra_info["provider"]: b.stats.median for b in members}
         baseline = members[0].extra_info.get("baseline")
         ours = members[0].extra_info.get("ours")
+        floor = members[0].extra_info.get("floor")  # a hardware floor, where the benchmark has one
+        floor_head = f"{'x ' + str(floor):>16}" if floor in median else ""
         write("")
         write(f"[{group}]")
-        write(f"  {'provider':<22}{'median':>12}{'speedup vs ' + str(baseline):>28}{'x slower than ' + str(ours):>28}")
+        write(
+            f"  {'provider':<22}{'median':>12}{'speedup vs ' + str(baseline):>28}{'x slower than ' + str(ours):>28}"
+            + floor_head
+        )
         for bench in sorted(members, key=lambda b: b.stats.median):
             provider = bench.extra_info["provider"]
             t = median[provider]
             vs_base = f"{median[baseline] / t:.2f}x" if baseline in median else "-"
             vs_ours = f"{t / median[ours]:.2f}x" if ours in median else "-"
+            vs_floor = f"{t / median[floor]:>15.3f}x" if floor in median else ""
             note = bench.extra_info.get("note", "")
-            write(f"  {provider:<22}{t * 1e3:>10.3f}ms{vs_base:>28}{vs_ours:>28}  {note}")
+            write(f"  {provider:<22}{t * 1e3:>10.3f}ms{vs_base:>28}{vs_ours:>28}{vs_floor}  {note}")

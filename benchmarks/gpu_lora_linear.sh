@@ -5,7 +5,8 @@
 # 2. benchmarks fwd+bwd of base / peft / ref / compile_ref / ours at k=n=4096, r=16, 8192 tokens, bf16,
 #    dropout 0 and 0.1, and at BERT-base size,
 # 3. prints, per shape, ours vs PEFT (target >= 1.3x faster), ours vs the frozen base linear (target <= 1.15x)
-#    and peak memory (target <= PEFT's).
+#    and peak memory (target <= PEFT's),
+# 4. times a MiniLM LoRA training step (floor / PEFT / ours, fp32 and bf16 autocast), interleaved, medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/lora_linear_gpu.json}"
@@ -36,3 +37,5 @@ for group, by_provider in groups.items():
         f"{ours['extra_info']['peak_mem_mb']:8.0f}M {peft['extra_info']['peak_mem_mb']:8.0f}M"
     )
 EOF
+
+python benchmarks/bench_train_step.py --rounds 30

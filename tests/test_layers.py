@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -155,6 +156,98 @@ def test_inject_matches_peft_logits_and_grads() -> None:
     ours_layer, peft_layer = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
     torch.testing.assert_close(ours_layer.lora_A.grad, peft_layer.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ours_layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def _peft_twin(peft, kwargs: dict) -> tuple[nn.Module, nn.Module]:
+    """A PEFT MiniLM with random LoRA factors (fp32) and a lora_fast MiniLM holding the same factors."""
+    ours, theirs = _minilm(), _minilm()
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(lora_alpha=16, **kwargs))
+    lora_fast.inject(ours, alpha=16, **kwargs)
+    _randomise_lora(theirs)
+    with torch.no_grad():
+        for name, module in ours.named_modules():
+            if isinstance(module, LoraLinear):
+                peft_layer = theirs.base_model.model.get_submodule(name)
+                module.lora_A.copy_(peft_layer.lora_A["default"].weight)
+                module.lora_B.copy_(peft_layer.lora_B["default"].weight)
+    return ours, theirs
+
+
+def _logits_and_lora_grads(model: nn.Module, ids: torch.Tensor, cast: torch.dtype | None) -> dict[str, torch.Tensor]:
+    with torch.autocast("cpu", dtype=cast or torch.bfloat16, enabled=cast is not None):
+        logits = model(input_ids=ids).logits
+    logits.double().square().sum().backward()
+    out = {"logits": logits.detach()}
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            out[name.removeprefix("base_model.model.").replace(".default.weight", "")] = param.grad
+    return out
+
+
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16])
+def test_autocast_matches_peft_logits_and_grads(cast: torch.dtype) -> None:
+    """Under the same CPU autocast, ours and PEFT are equally close to an fp64 run (random, non-zero B)."""
+    peft = pytest.importorskip("peft")
+    ours, theirs = _peft_twin(peft, {"r": 8, "target_modules": ["query", "key", "value"]})
+    exact = copy.deepcopy(theirs).double()
+    ids = torch.randint(0, 1000, (3, 11), generator=torch.Generator().manual_seed(0))
+    got, peft_got, ref = (_logits_and_lora_grads(m, ids, c) for m, c in ((ours, cast), (theirs, cast), (exact, None)))
+    assert got["logits"].dtype == peft_got["logits"].dtype == cast
+    assert got.keys() == ref.keys() and len(got) == 1 + 2 * 3 * 2
+    for name, value in got.items():
+        if name != "logits":
+            assert value.dtype == torch.float32, name  # fp32 master weights
+        scale = ref[name].abs().max().item()
+        err = (value.double() - ref[name]).abs().max().item() / scale
+        peft_err = (peft_got[name].double() - ref[name]).abs().max().item() / scale
+        assert err <= 2 * peft_err + 1e-3, f"{name}: relative error {err:.3g}, PEFT's {peft_err:.3g}"
+
+
+def test_half_precision_base_keeps_fp32_factors() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(45, 53), nn.ReLU(), nn.Linear(53, 7)).to(torch.bfloat16)
+    lora_fast.inject(model, ["0", "2"], r=4, alpha=8)
+    _randomise_lora(model)
+    assert model[0].lora_A.dtype == model[2].lora_B.dtype == torch.float32
+    x = torch.randn(6, 45)
+    y = model(x.bfloat16())  # no autocast: computes in x's dtype, as nn.Linear
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert model[0].lora_A.grad.dtype == torch.float32 and model[0].lora_A.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(x), y, rtol=0, atol=0)  # autocast casts x to bf16: same computation
+    expected = x.bfloat16()
+    for layer, activation in ((model[0], nn.Identity()), (model[2], torch.relu)):
+        base, factors = layer.base_layer, (layer.lora_A.bfloat16(), layer.lora_B.bfloat16())
+        expected = lora_linear_ref(activation(expected), base.weight, base.bias, *factors, layer.scaling)
+    torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_float64_layer_under_autocast_stays_float64() -> None:
+    layer = LoraLinear(nn.Linear(12, 10).double(), r=2, lora_alpha=2)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, layer(x))
+
+
+def test_frozen_base_is_cast_once_and_recast_after_a_change() -> None:
+    layer = LoraLinear(nn.Linear(12, 10), r=2, lora_alpha=2)
+    x = torch.randn(3, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+        first = layer._cast_cache[2]
+        layer(x)
+        assert layer._cast_cache[2] is first  # reused: no cast per step
+        with torch.no_grad():
+            layer.base_layer.weight.add_(1.0)  # merge, load_state_dict, an optimizer: any in-place change
+        y = layer(x)
+    assert layer._cast_cache[2] is not first
+    torch.testing.assert_close(layer._cast_cache[2], layer.base_layer.weight.bfloat16(), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(y, nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias))
 
 
 def test_inject_regex_target() -> None:

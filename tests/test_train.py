@@ -171,3 +171,163 @@ def test_causal_lm_path() -> None:
     # a repeated sentence is learnable even through rank-2 adapters on a random model
     assert result.eval_loss < before["eval_loss"] - 0.1 and result.train_loss[-1] < result.train_loss[0]
     assert len(result.adapters) == 4 and len(result.snapshots) == 3
+
+
+# --- TrainConfig and bad input (rows 5.1-5.12 of the bad-input table) ---
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("batch_size", 0),
+        ("batch_size", -4),
+        ("batch_size", 2.5),
+        ("batch_size", True),
+        ("eval_batch_size", 0),
+        ("eval_batch_size", -1),
+        ("warmup_ratio", 2),
+        ("warmup_ratio", -1),
+        ("max_grad_norm", 0),
+        ("max_grad_norm", float("nan")),
+        ("snapshot_every", -1),
+        ("eval_every", -2),
+        ("max_steps", 0),
+        ("max_steps", -5),
+        ("epochs", 0),
+        ("epochs", float("inf")),
+        ("lr", -1e-3),
+        ("lr", "2e-3"),
+        ("weight_decay", -0.1),
+        ("energy_threshold", 0),
+        ("energy_threshold", 1.5),
+        ("max_length", 0),
+        ("length_buckets", 0),
+        ("seed", 1.5),
+        ("precision", "bf8"),
+        ("task", "regression"),
+        ("device", "gpu"),
+    ],
+)
+def test_config_rejects_impossible_values(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{name} must be"):
+        TrainConfig(**{name: value})
+
+
+def _empty(texts: bool = False) -> ClassificationData:
+    labels = torch.zeros(0, dtype=torch.long)
+    if texts:
+        return ClassificationData("e", labels, ("a", "b"), texts=())
+    return ClassificationData("e", labels, ("a", "b", "c"), inputs=torch.zeros(0, 8))
+
+
+def test_empty_data_is_rejected_and_eval_never_falls_back_silently() -> None:
+    with pytest.raises(ValueError, match="train data is empty"):
+        train(_mlp(), _empty(), None, TrainConfig(**CFG))
+    with pytest.raises(ValueError, match="eval data is empty"):
+        train(_mlp(), _blobs(), _empty(), TrainConfig(**CFG))
+    with pytest.raises(ValueError, match="train data is empty"):
+        train(_mlp(), [], None, TrainConfig(**CFG, task="causal_lm", max_length=8))
+    result = train(_mlp(), _blobs(), None, TrainConfig(**CFG))
+    assert result.eval_split == "train"  # said in the result, not silent
+    assert train(_mlp(), _blobs(), _blobs(64), TrainConfig(**CFG)).eval_split == "eval"
+
+
+def test_labels_out_of_range_are_rejected_and_ignored_labels_skipped() -> None:
+    data = _blobs(128)
+    for bad in (3, -1):
+        labels = data.labels.clone()
+        labels[5] = bad
+        with pytest.raises(ValueError, match=rf"label {bad} is outside 0\.\.2"):
+            train(_mlp(), data.with_labels(labels), None, TrainConfig(**CFG))
+    labels = data.labels.clone()
+    labels[::4] = -100  # Hugging Face's "no label": skipped in training and in evaluation
+    partly = data.with_labels(labels)
+    result = train(_mlp(), partly, partly, TrainConfig(**CFG))
+    labelled = data.select(torch.nonzero(labels != -100).flatten())
+    model = _mlp()
+    expected = train(model, labelled, labelled, TrainConfig(**CFG))
+    assert result.train_loss == expected.train_loss and result.accuracy == expected.accuracy > 0.9
+    assert evaluate(model, partly)["accuracy"] == evaluate(model, labelled)["accuracy"]
+    with pytest.raises(ValueError, match="every label is -100"):
+        train(_mlp(), data.with_labels(torch.full_like(labels, -100)), None, TrainConfig(**CFG))
+
+
+def test_model_with_too_few_outputs_is_named() -> None:
+    with pytest.raises(ValueError, match=r"logits of shape \(32, 2\) but the data have 3 classes"):
+        train(_mlp(classes=2), _blobs(), None, TrainConfig(**CFG))
+
+
+def test_texts_without_labels_for_a_classifier_are_rejected(minilm) -> None:
+    base, tokenizer = minilm
+    with pytest.raises(ValueError, match=r"classification needs lora_fast\.data\.ClassificationData"):
+        train(copy.deepcopy(base), ["a", "b"], None, TrainConfig(**CFG), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="train data is empty"):
+        train(copy.deepcopy(base), _empty(texts=True), None, TrainConfig(**CFG), tokenizer=tokenizer)
+
+
+def test_left_padding_tokenizer_trains_as_right_padding(minilm) -> None:
+    base, tokenizer = minilm
+    cfg = TrainConfig(max_steps=3, lr=5e-3, batch_size=8, max_length=16, progress=False, precision="fp32")
+
+    def lora_model() -> nn.Module:
+        torch.manual_seed(0)  # the same lora_A init for both runs
+        return lora_fast.inject(copy.deepcopy(base), ["query"], r=2)
+
+    def ragged(n: int) -> ClassificationData:  # lengths 9 to 15 tokens: every batch is padded
+        data = _texts(n)
+        texts = tuple(text + " and more" * (i % 4) for i, text in enumerate(data.texts))
+        return ClassificationData("ragged", data.labels, data.class_names, texts=texts)
+
+    right = train(lora_model(), ragged(24), ragged(8), cfg, tokenizer)
+    tokenizer.padding_side = "left"
+    try:
+        left = train(lora_model(), ragged(24), ragged(8), cfg, tokenizer)
+        assert tokenizer.padding_side == "left"  # the caller's tokenizer is left as it was
+    finally:
+        tokenizer.padding_side = "right"
+    assert left.train_loss == right.train_loss and left.eval_loss == right.eval_loss
+
+
+# --- precision ---
+
+
+def test_auto_precision_follows_the_hardware() -> None:
+    from lora_fast.train import native_bf16
+    from lora_fast.train import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
+    assert resolve_precision("fp16", "cpu") == "fp16"
+    assert train(_mlp(), _blobs(), None, TrainConfig(**CFG)).precision == resolve_precision("auto", "cpu")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_each_precision_trains_and_is_recorded(precision: str) -> None:
+    model = _mlp()
+    result = train(model, _blobs(), _blobs(128), TrainConfig(**CFG, precision=precision))
+    assert result.precision == precision and result.finite and result.accuracy > 0.9
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_fp16_scales_the_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    scales = []
+    original = torch.amp.GradScaler.update
+
+    def update(self, *args, **kwargs):
+        scales.append(self.get_scale())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "update", update)
+    train(_mlp(), _blobs(), None, TrainConfig(**CFG, precision="fp16"))
+    assert len(scales) == CFG["max_steps"] and scales[0] == 2.0**16
+    assert not train(_mlp(), _blobs(), None, TrainConfig(**CFG, precision="bf16")).train_loss == []
+    assert len(scales) == CFG["max_steps"]  # bf16 needs no scaler
+
+
+def test_lora_minilm_under_bf16_autocast(minilm) -> None:
+    base, tokenizer = minilm
+    model = lora_fast.inject(copy.deepcopy(base), ["query", "key", "value"], r=4, alpha=8)
+    cfg = TrainConfig(max_steps=4, lr=5e-3, batch_size=8, max_length=16, progress=False, precision="bf16")
+    result = train(model, _texts(32), _texts(16), cfg, tokenizer=tokenizer)
+    assert result.precision == "bf16" and result.finite and len(result.adapters) == 3
+    lora_A = model.bert.encoder.layer[0].attention.self.query.lora_A
+    assert lora_A.dtype == torch.float32 and lora_A.grad is None  # fp32 master weights, grads cleared

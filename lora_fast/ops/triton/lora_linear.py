@@ -10,8 +10,9 @@ Backward, three launches (dW only if asked, by the caller):
      dimension (``[dY | dYB] · [W ; A]``) when there is no dropout; the mask is regenerated from the seed.
   3. ``_da_kernel``: dA = dYBᵀ dropout(x), the mask regenerated again (nothing M×k is saved).
 Kernels 1 of backward and ``_da_kernel`` split M across programs and reduce with fp32 atomics, so their grids fill
-a GPU even though their outputs (n×r, r×k) are small. Block sizes are fixed here; on CUDA the two big GEMMs are
-autotuned over a handful of configurations.
+a GPU even though their outputs (n×r, r×k) are small. Every kernel covers any rank: ranks come in blocks (a grid
+dimension or a loop). Block sizes are fixed here; on CUDA the two big GEMMs are autotuned over a handful of
+configurations, keyed on (N, K, r) and M rounded up to a power of two.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 @triton.jit
 def _fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr, M, N, K, R,
+    x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bn, stride_br, stride_ym, stride_yn,
     scaling,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
@@ -172,11 +173,12 @@ def _dy_pass_kernel(
     NEED_DB: tl.constexpr, NEED_DYB: tl.constexpr, NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    # program (pid_n, pid_s) reads dY[rows of split pid_s, cols of block pid_n] exactly once
+    # program (pid_n, pid_s, pid_r) reads dY[rows of split pid_s, cols of block pid_n] once for rank block pid_r
+    # (ranks above BLOCK_R = 256 take more than one block, and re-read dY per block)
     outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_start = tl.program_id(1) * rows_per_program
     row_end = min(row_start + rows_per_program, M)
-    ranks = tl.arange(0, BLOCK_R)
+    ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     b = tl.load(
         b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
         mask=(outs[:, None] < N) & (ranks[None, :] < R),
@@ -205,19 +207,20 @@ def _dy_pass_kernel(
                 partial,
                 mask=(rows[:, None] < row_end) & (ranks[None, :] < R),
             )
-        if NEED_DBIAS:
+        if NEED_DBIAS:  # summed by every rank block, stored by the first
             d_bias += tl.sum(dy.to(tl.float32), axis=0)
     if NEED_DB:
         tl.atomic_add(
             db_ptr + outs[:, None] * R + ranks[None, :], d_b * scaling, mask=(outs[:, None] < N) & (ranks[None, :] < R)
         )
     if NEED_DBIAS:
-        tl.atomic_add(dbias_ptr + outs, d_bias, mask=outs < N)
+        if tl.program_id(2) == 0:
+            tl.atomic_add(dbias_ptr + outs, d_bias, mask=outs < N)
 
 
 @triton.jit
 def _dx_kernel(
-    dy_ptr, w_ptr, dyb_ptr, a_ptr, dx_ptr, M, N, K, R,
+    dy_ptr, w_ptr, dyb_ptr, a_ptr, dx_ptr, M, N, K, R, M_BUCKET,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_dxm, stride_dxk,
     p, seed,
     HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
@@ -317,10 +320,18 @@ if _INTERPRET:
     _FWD_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
     _DX_BLOCKS = {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32, "GROUP_M": 2}
 else:
-    _fwd_launch = triton.autotune(_gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"), key=["M", "N", "K", "R"])(_fwd_kernel)
-    _dx_launch = triton.autotune(_gemm_configs("BLOCK_M", "BLOCK_K", "BLOCK_N"), key=["M", "N", "K", "R"])(_dx_kernel)
+    # keyed on M's power-of-two bucket, not M: training trims padding per batch, so M changes almost every step and
+    # an exact key would re-tune (5 configurations, ~100 launches) at nearly every step
+    _TUNE_KEY = ["M_BUCKET", "N", "K", "R"]
+    _fwd_launch = triton.autotune(_gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"), key=_TUNE_KEY)(_fwd_kernel)
+    _dx_launch = triton.autotune(_gemm_configs("BLOCK_M", "BLOCK_K", "BLOCK_N"), key=_TUNE_KEY)(_dx_kernel)
     _FWD_BLOCKS = {}
     _DX_BLOCKS = {}
+
+
+def _m_bucket(rows: int) -> int:
+    """The autotuning bucket of a GEMM with ``rows`` rows: the next power of two (16 at least)."""
+    return max(16, triton.next_power_of_2(rows))
 
 
 def _row_splits(rows: int, block_m: int, other_programs: int, device: torch.device) -> tuple[int, int]:
@@ -402,7 +413,7 @@ def lora_linear_fwd(
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _fwd_launch[grid](
-        x, weight, bias if bias is not None else y, xa, lora_B, y, M, N, K, R,
+        x, weight, bias if bias is not None else y, xa, lora_B, y, M, N, K, R, _m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         scaling,
@@ -460,10 +471,10 @@ def lora_linear_bwd(
         # registers, so the tile narrows as r grows
         block_m, block_n = 64, (128 if R <= 32 else 64 if R <= 64 else 32)
     if need_B or need_dyb or need_bias:
-        n_tiles = triton.cdiv(N, block_n)
-        splits, rows_per_program = _row_splits(M, block_m, n_tiles, x.device)
+        n_tiles, r_tiles = triton.cdiv(N, block_n), triton.cdiv(R, block_r)
+        splits, rows_per_program = _row_splits(M, block_m, n_tiles * r_tiles, x.device)
         placeholder = x  # never dereferenced: its NEED_* flag is off
-        _dy_pass_kernel[(n_tiles, splits)](
+        _dy_pass_kernel[(n_tiles, splits, r_tiles)](
             dy, xa, lora_B, d_B if need_B else placeholder, dyb if need_dyb else placeholder,
             d_bias if need_bias else placeholder, M, N, R, rows_per_program,
             dy.stride(0), dy.stride(1), xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1),
@@ -480,7 +491,7 @@ def lora_linear_bwd(
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
         _dx_launch[grid](
-            dy, weight, dyb, lora_A, dx, M, N, K, R,
+            dy, weight, dyb, lora_A, dx, M, N, K, R, _m_bucket(M),
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             dx.stride(0), dx.stride(1),
             dropout_p, seed,
