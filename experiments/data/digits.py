@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lora_fast.data._base import ClassificationData
-from lora_fast.data._base import MissingDataError
+from experiments.data import MissingDataError
+from lora_fast.data import ClassificationData
 
 
 def load_digits() -> ClassificationData:

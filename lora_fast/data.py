@@ -1,23 +1,17 @@
-"""The dataset container shared by every loader, and the error raised when a corpus is not installed."""
+"""``ClassificationData``: the container ``lora_fast.train`` reads for classification (texts or an input tensor).
+
+Corpora that fill it (WordNet, fortunes, Fashion-MNIST, ...) live with the experiments, in ``experiments/data/``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-
-class MissingDataError(FileNotFoundError):
-    """A corpus's files are missing; the message names the package that provides them."""
-
-    def __init__(self, dataset: str, path: str | Path, install: str) -> None:
-        self.dataset = dataset
-        self.path = str(path)
-        self.install = install
-        super().__init__(f"{dataset}: no data found at {self.path}. Install it with: {install}")
+__all__ = ["ClassificationData"]
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from lora_fast.data._base import ClassificationData
-from lora_fast.data._base import MissingDataError
+from experiments.data import MissingDataError
+from lora_fast.data import ClassificationData
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = (
