@@ -1,0 +1,182 @@
+"""Executing runs: in this process (one worker) or in a pool of worker processes, and splitting a sweep in shards.
+
+Each worker process builds one ``RunContext`` and keeps it for all its runs, so the base model, tokenizer and
+dataset split are loaded once per worker. A run is executed under its claim (``ResultStore.claim``) and written
+atomically by the process that trained it, so a pool, several ``--shard`` invocations sharing one folder, or a kill
+at any moment never lose a finished run nor train one twice.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from datetime import timezone
+from pathlib import Path
+from typing import Any
+
+from experiments.runner.config import SweepConfig
+from experiments.runner.context import RunContext
+from experiments.runner.context import Runtime
+from experiments.runner.spec import RunSpec
+from experiments.runner.store import ResultStore
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one planned run in this invocation.
+
+    Args:
+        run_id: the run.
+        status: ``"finished"``, ``"failed"``, ``"already done"`` (another process finished it first) or ``"busy"``
+            (another process holds its claim right now).
+        seconds: wall time of the run (0 when not run here).
+        error: ``repr`` of the exception of a failed run.
+    """
+
+    run_id: str
+    status: str
+    seconds: float = 0.0
+    error: str = ""
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` (0 <= i < N) as ``(i, N)``.
+
+    Args:
+        text: e.g. ``"0/4"``; a SLURM job array passes ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``.
+    """
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {text!r}: need 0 <= i < N")
+    return index, count
+
+
+def shard_of(specs: Sequence[RunSpec], shard: tuple[int, int]) -> list[RunSpec]:
+    """The runs of shard ``i`` of ``N``: every N-th run of the plan, starting at the i-th.
+
+    The plan's order depends only on the configuration, so every invocation with the same configuration agrees on
+    the split; round-robin (not hashing) keeps expensive and cheap runs spread evenly over the shards.
+
+    Args:
+        specs: the de-duplicated plan, in plan order.
+        shard: ``(i, N)``.
+    """
+    index, count = shard
+    return list(specs[index::count])
+
+
+def execute_one(spec: RunSpec, ctx: RunContext, store: ResultStore) -> Outcome:
+    """Claim, train and record one run (or say why not); failures are recorded in ``runs/<id>.failed.json``.
+
+    Args:
+        spec: the run.
+        ctx: this process's caches and runtime settings.
+        store: the results folder.
+    """
+    from experiments.studies import get_study
+
+    claim = store.claim(spec.run_id)
+    if claim is None:
+        return Outcome(spec.run_id, "busy")
+    try:
+        if store.is_done(spec.run_id):
+            return Outcome(spec.run_id, "already done")
+        start = time.perf_counter()
+        try:
+            result = get_study(spec.study).execute(spec, ctx)
+        except Exception as exc:
+            store.save_failure(spec.run_id, {"run_id": spec.run_id, "study": spec.study, "params": spec.params,
+                                             "error": repr(exc), "traceback": traceback.format_exc()})  # fmt: skip
+            return Outcome(spec.run_id, "failed", time.perf_counter() - start, repr(exc))
+        seconds = time.perf_counter() - start
+        finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        row = {"run_id": spec.run_id, "study": spec.study, "params": spec.params, **result, "seconds": seconds,
+               "device": ctx.device, "finished_at": finished}  # fmt: skip
+        store.save_run(spec.run_id, row)
+        return Outcome(spec.run_id, "finished", seconds)
+    finally:
+        claim.release()
+
+
+# ----------------------------------------------------------------------------------------------- worker processes
+
+_worker: dict[str, Any] = {}
+
+
+def _raise_exit(signum: int, _frame: Any) -> None:
+    # turns the pool's SIGTERM into an exception, so an atomic write in progress removes its temporary file
+    raise SystemExit(128 + signum)
+
+
+def _init_worker(config: SweepConfig, out: str, runtime: Runtime) -> None:
+    import torch
+
+    # Ctrl-C goes to the whole process group: the parent decides, workers are stopped by it (SIGTERM)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _raise_exit)
+    torch.set_num_threads(runtime.threads)
+    _worker["ctx"] = RunContext(config, out, runtime)
+    _worker["store"] = ResultStore(out)
+
+
+def _work(spec: RunSpec) -> Outcome:
+    return execute_one(spec, _worker["ctx"], _worker["store"])
+
+
+def run_specs(
+    specs: Sequence[RunSpec],
+    config: SweepConfig,
+    out: Path,
+    runtime: Runtime,
+    on_outcome: Callable[[Outcome], None],
+) -> None:
+    """Execute ``specs`` with ``runtime.workers`` processes; ``on_outcome`` sees each result as it arrives.
+
+    One worker runs in this process (no start-up cost, and tests can patch a study). More start as spawned
+    processes (fresh interpreters: safe with torch's thread pools and with CUDA) that pull runs one at a time.
+    KeyboardInterrupt stops the workers; finished runs are on disk already.
+
+    Args:
+        specs: runs to execute (already filtered to this invocation's share).
+        config: the resolved configuration.
+        out: the results folder.
+        runtime: device, threads, workers, progress bars.
+        on_outcome: called in this process once per run.
+    """
+    store = ResultStore(out)
+    if runtime.workers == 1 or len(specs) <= 1:
+        import torch
+
+        torch.set_num_threads(runtime.threads)
+        ctx = RunContext(config, out, runtime)
+        for spec in specs:
+            on_outcome(execute_one(spec, ctx, store))
+        return
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(min(runtime.workers, len(specs)), _init_worker, (config, str(out), runtime))
+    try:
+        for outcome in pool.imap_unordered(_work, specs, chunksize=1):
+            on_outcome(outcome)
+    except BaseException:
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
+
+
+def default_workers(cpu_count: int | None = None) -> int:
+    """Worker processes when neither ``--workers`` nor the configuration says: one per 2 cores... see below."""
+    cores = cpu_count or os.cpu_count() or 1
+    return max(1, cores)
