@@ -48,7 +48,7 @@ FILES = [
     "label_noise/energy_rank_vs_noise.md", "label_noise/energy_rank_vs_label_noise.png",
 ]  # fmt: skip
 # fields that measure the machine, not the run
-TIMING = {"seconds", "finished_at", "wall_time_s", "cpu_time_s", "snapshot_time_s", "peak_memory_bytes"}
+TIMING = {"seconds", "cpu_seconds", "finished_at", "wall_time_s", "cpu_time_s", "snapshot_time_s", "peak_memory_bytes"}
 
 
 def write_config(path: Path, config: dict) -> Path:

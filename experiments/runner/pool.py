@@ -91,7 +91,7 @@ def execute_one(spec: RunSpec, ctx: RunContext, store: ResultStore) -> Outcome:
     try:
         if store.is_done(spec.run_id):
             return Outcome(spec.run_id, "already done")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             result = get_study(spec.study).execute(spec, ctx)
         except Exception as exc:
@@ -99,9 +99,12 @@ def execute_one(spec: RunSpec, ctx: RunContext, store: ResultStore) -> Outcome:
                                              "error": repr(exc), "traceback": traceback.format_exc()})  # fmt: skip
             return Outcome(spec.run_id, "failed", time.perf_counter() - start, repr(exc))
         seconds = time.perf_counter() - start
+        # CPU seconds of this process over the whole run (set-up, training, evaluation, analysis): with one torch
+        # thread per worker it is what the run costs on an idle core, however loaded the machine was
+        cpu_seconds = time.process_time() - cpu_start
         finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         row = {"run_id": spec.run_id, "study": spec.study, "params": spec.params, **result, "seconds": seconds,
-               "device": ctx.device, "finished_at": finished}  # fmt: skip
+               "cpu_seconds": cpu_seconds, "device": ctx.device, "finished_at": finished}  # fmt: skip
         store.save_run(spec.run_id, row)
         return Outcome(spec.run_id, "finished", seconds)
     finally:

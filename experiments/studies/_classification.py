@@ -36,12 +36,12 @@ from experiments.runner.spec import RunSpec
 def default_lora() -> LoraSettings:
     """LoRA on the attention projections at r=32 (alpha 64: scaling 2), for the defaults of every study."""
     return LoraSettings(targets=["query", "key", "value"], r=32, alpha=64.0, lr=4e-3, max_steps=96, batch_size=16,
-                        eval_every=12, snapshot_every=12)  # fmt: skip
+                        eval_every=24, snapshot_every=12)  # fmt: skip
 
 
 def default_full() -> TrainSettings:
     """Full fine-tuning settings matching ``default_lora``'s step budget."""
-    return TrainSettings(lr=2e-4, max_steps=96, batch_size=16, eval_every=12)
+    return TrainSettings(lr=2e-4, max_steps=96, batch_size=16, eval_every=24)
 
 
 @dataclasses.dataclass(frozen=True)

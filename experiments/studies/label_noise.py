@@ -45,7 +45,7 @@ NAME = "label_noise"
 def _memorising_lora() -> LoraSettings:
     # 128 examples seen ~25 times: long enough for r=32 adapters to fit shuffled labels
     return LoraSettings(targets=["query", "key", "value"], r=32, alpha=64.0, lr=4e-3, max_steps=200, batch_size=16,
-                        eval_every=25)  # fmt: skip
+                        eval_every=50)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
