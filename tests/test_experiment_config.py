@@ -64,6 +64,7 @@ def test_round_trip_through_config_json() -> None:
         ("label_noise: {noise: [0.0, 1.5]}\n", "noise must be a non-empty list of fractions in [0, 1]"),
         ("label_noise: {model: {num_layer: 2}}\n", "label_noise.model: unknown key 'num_layer'"),
         ("progress: yes please\n", "progress: expected true or false"),
+        ("studies: []\n", "studies: the list is empty"),
         ("studies: [rank_vs_clases]\n", "unknown study 'rank_vs_clases' (did you mean 'rank_vs_classes'?)"),
         ("rank_allocation: {strategies: [uniform9]}\n", "strategies: unknown ['uniform9']"),
         ("- a\n- b\n", "top level must be a mapping"),

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", metavar="A,B", help="run only these of the configured studies (reports still cover "
                    "every configured study)")  # fmt: skip
     p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: the configuration's, else "
-                   "one per core)")  # fmt: skip
+                   "one per core on CPU, as memory allows, and 1 on a GPU)")  # fmt: skip
     p.add_argument("--threads", type=int, metavar="T", help="torch threads per worker (default: cores / workers)")
     p.add_argument("--shard", metavar="i/N", help="run only shard i of N (0-based) of the planned runs")
     p.add_argument("--device", help="cpu, cuda or auto (overrides the configuration for this invocation)")
@@ -141,13 +141,13 @@ def _resolve(args: argparse.Namespace) -> tuple[SweepConfig, Path, tuple[str, ..
 
 def _runtime(args: argparse.Namespace, config: SweepConfig) -> Runtime:
     cores = os.cpu_count() or 1
-    workers = args.workers if args.workers is not None else config.workers or default_workers(cores)
-    threads = args.threads if args.threads is not None else config.num_threads or max(1, cores // workers)
-    if workers < 1 or threads < 1:
-        raise SystemExit(f"--workers and --threads must be >= 1, got {workers} and {threads}")
     device = args.device or config.device
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise SystemExit(f"--device must be auto, cpu or cuda, got {device!r}")
+    workers = args.workers if args.workers is not None else config.workers or default_workers(device)
+    threads = args.threads if args.threads is not None else config.num_threads or max(1, cores // workers)
+    if workers < 1 or threads < 1:
+        raise SystemExit(f"--workers and --threads must be >= 1, got {workers} and {threads}")
     progress = config.progress and not args.no_progress
     # per-step bars of several workers would overwrite each other; the run bar of this process stays
     return Runtime(device=device, progress=progress and workers == 1, threads=threads, workers=workers)

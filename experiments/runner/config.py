@@ -301,6 +301,8 @@ def config_from_dict(
         if name not in STUDIES:
             raise ConfigError(f"{source}: studies: unknown study {name!r}{_closest(name, list(STUDIES))}; registered:"
                               f" {', '.join(STUDIES)}")  # fmt: skip
+    if not config.studies:
+        raise ConfigError(f"{source}: studies: the list is empty; name at least one of {', '.join(STUDIES)}")
     if len(set(config.studies)) != len(config.studies):
         raise ConfigError(f"{source}: studies: a study is listed twice: {list(config.studies)}")
     return dataclasses.replace(config, sections=sections)

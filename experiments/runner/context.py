@@ -1,7 +1,8 @@
 """``RunContext``: what the runs executed by one process share (loaded base models, tokenizers, dataset splits).
 
 A worker process builds one context and keeps it for all its runs, so the base model is read from disk once per
-worker and each run starts from a deep copy of it (~0.1 s for the 6-layer MiniLM instead of ~2 s to load it).
+worker and each run starts from a deep copy of it: for the 6-layer MiniLM, measured on the 2-core CPU under load, a
+deep copy takes 0.2-0.4 s, the first load in a fresh process 20 s (imports, cold files) and a warm reload 0.5 s.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from typing import Any
 from experiments.runner.analysis import ci_halfwidth
 from experiments.runner.analysis import fit_line
 from experiments.runner.analysis import kind_means
+from experiments.runner.analysis import last_quarter_change
 from experiments.runner.analysis import mean_ci
 from experiments.runner.analysis import mean_interval
 from experiments.runner.analysis import sign_verdict
@@ -43,9 +44,11 @@ NAME = "label_noise"
 
 
 def _memorising_lora() -> LoraSettings:
-    # 128 examples seen ~25 times: long enough for r=32 adapters to fit shuffled labels
-    return LoraSettings(targets=["query", "key", "value"], r=32, alpha=64.0, lr=4e-3, max_steps=200, batch_size=16,
-                        eval_every=50)  # fmt: skip
+    # 128 examples seen 19 times: measured, r=32 adapters fit every relabelled example at p = 0.25 and 0.5 within
+    # 200 steps, with test accuracy flat over the last quarter; 152 keeps the default inside its 15 minutes (evals at
+    # each quarter: 38, 76, 114, 152)
+    return LoraSettings(targets=["query", "key", "value"], r=32, alpha=64.0, lr=4e-3, max_steps=152, batch_size=16,
+                        eval_every=38)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +184,14 @@ def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path) -> str
         for k, f in fits.items()
         if k != "accuracy"
     ]  # fmt: skip
-    lines.append(f"- test accuracy vs p: slope {fits['accuracy']['slope']:.3f}, R² {fits['accuracy']['r2']:.2f}")
+    changes = [c for c in (last_quarter_change(r["eval_history"], "accuracy") for r in rows) if math.isfinite(c)]
+    settled = ""
+    if changes:
+        mean, half = mean_ci(changes)
+        settled = f"; test accuracy moved {fmt_ci(mean, mean - half, mean + half)} over the last quarter of training"
+    lines.append(
+        f"- test accuracy vs p: slope {fits['accuracy']['slope']:.3f}, R² {fits['accuracy']['r2']:.2f}{settled}"
+    )
     lines.append(
         f"- memorisation at p = {top}: train accuracy on the noisy labels "
         f"{statistics.fmean(r['train_accuracy'] for r in by_p[top]):.3f}"
