@@ -224,7 +224,7 @@ def test_sigkill_mid_sweep_then_resume(tiny_config: Path, tmp_path: Path) -> Non
     assert f"{6 - len(first)} to run" in result.stdout or len(first) == 6
     after = _run_files(out)
     assert len(after) == 6 and all(after[k] == v for k, v in first.items())
-    assert not list((out / "runs").glob(".*"))  # the killed run's claim was cleared by its retry
+    assert not list((out / "runs").glob(".*.claim"))  # the killed run's claim was cleared by its retry
 
 
 def test_registry_and_plans() -> None:

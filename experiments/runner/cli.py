@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
 from datetime import timezone
 from pathlib import Path
@@ -243,6 +244,13 @@ def _sweep(
         bar.close()
         print(f"\n[run] interrupted; finished runs are saved. Continue with: python experiments/run.py --resume {out}")
         return 130
+    except BrokenProcessPool:
+        bar.close()
+        print(
+            f"\n[run] a worker process died (killed by the system, e.g. out of memory?); finished runs are saved. "
+            f"Continue with: python experiments/run.py --resume {out} (fewer --workers if memory is short)"
+        )
+        return 1
     bar.close()
     elapsed, cpu_time = time.perf_counter() - start, time.process_time() - cpu_start
     try:

@@ -15,6 +15,8 @@ import time
 import traceback
 from collections.abc import Callable
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from datetime import datetime
 from datetime import timezone
@@ -147,7 +149,8 @@ def run_specs(
 
     One worker runs in this process (no start-up cost, and tests can patch a study). More start as spawned
     processes (fresh interpreters: safe with torch's thread pools and with CUDA) that pull runs one at a time.
-    KeyboardInterrupt stops the workers; finished runs are on disk already.
+    KeyboardInterrupt stops the workers; a worker that dies raises ``BrokenProcessPool``; either way the finished
+    runs are on disk already.
 
     Args:
         specs: runs to execute (already filtered to this invocation's share).
@@ -165,18 +168,20 @@ def run_specs(
         for spec in specs:
             on_outcome(execute_one(spec, ctx, store))
         return
-    context = multiprocessing.get_context("spawn")
-    pool = context.Pool(min(runtime.workers, len(specs)), _init_worker, (config, str(out), runtime))
+    executor = ProcessPoolExecutor(min(runtime.workers, len(specs)), multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(config, str(out), runtime))  # fmt: skip
     try:
-        for outcome in pool.imap_unordered(_work, specs, chunksize=1):
-            on_outcome(outcome)
+        futures = [executor.submit(_work, spec) for spec in specs]
+        for future in as_completed(futures):
+            on_outcome(future.result())
     except BaseException:
-        pool.terminate()
+        # Ctrl-C, or a worker killed (e.g. by the OOM killer: BrokenProcessPool): stop the others now; their runs
+        # in flight are lost, every finished one is on disk
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            process.terminate()
+        executor.shutdown(wait=True, cancel_futures=True)
         raise
-    else:
-        pool.close()
-    finally:
-        pool.join()
+    executor.shutdown()
 
 
 # resident memory of one worker training the 6-layer MiniLM was 0.9-1.1 GB (ps, 2-core machine); 1.5 GiB leaves room
