@@ -7,6 +7,7 @@ import dataclasses
 import os
 import platform
 import sys
+import textwrap
 import time
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
@@ -64,7 +65,9 @@ Each run is claimed with a file lock while it trains, so no run is trained twice
 
 
 def _parser() -> argparse.ArgumentParser:
-    studies = "\n".join(f"  {name:<26} {(get_study(name).__doc__ or '').splitlines()[0]}" for name in STUDIES)
+    studies = "\n".join(
+        f"  {name:<26} {textwrap.shorten((get_study(name).__doc__ or '').splitlines()[0], 96)}" for name in STUDIES
+    )
     p = argparse.ArgumentParser(
         prog="python experiments/run.py",
         description=DESCRIPTION.format(studies=studies),

@@ -163,10 +163,14 @@ def run_specs(
     if runtime.workers == 1 or len(specs) <= 1:
         import torch
 
+        before = torch.get_num_threads()
         torch.set_num_threads(runtime.threads)
-        ctx = RunContext(config, out, runtime)
-        for spec in specs:
-            on_outcome(execute_one(spec, ctx, store))
+        try:
+            ctx = RunContext(config, out, runtime)
+            for spec in specs:
+                on_outcome(execute_one(spec, ctx, store))
+        finally:
+            torch.set_num_threads(before)  # this process may go on (a test session, a notebook)
         return
     executor = ProcessPoolExecutor(min(runtime.workers, len(specs)), multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(config, str(out), runtime))  # fmt: skip

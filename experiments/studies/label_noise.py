@@ -1,4 +1,4 @@
-"""Study 3, label noise: shuffle a fraction p of the training labels and follow the adapters' energy rank.
+"""Study 3: energy rank of LoRA adapters as a fraction p of the training labels is shuffled.
 
 One class subset of ``num_classes`` classes per repeat (repeat i uses subset i), LoRA on ``lora.targets`` for every p
 of ``noise``, trained long enough to memorise the shuffled labels (the mechanism the study proposes): each run

