@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,12 +187,17 @@ def test_resize_adapters_keeps_the_update(new_r):
 
 
 def test_adalora_baseline_prunes_to_the_target_budget():
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: the installed lora_fast wins
+    from experiments.baselines.adalora import adalora_config
+    from experiments.baselines.adalora import adalora_ranks
+    from experiments.baselines.adalora import adalora_step_hook
+
     total_step = 20
     targets = al.find_targets(tiny_bert(), ["query", "value"])
-    config = al.adalora_config(["query", "value"], total_step, target_r=2, init_r=4, task_type="SEQ_CLS")
+    config = adalora_config(["query", "value"], total_step, target_r=2, init_r=4, task_type="SEQ_CLS")
     model = peft.get_peft_model(tiny_bert(), config)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    remove = al.adalora_step_hook(model)
+    remove = adalora_step_hook(model)
     try:
         for step in range(total_step):
             loss = model(**batch(step)).loss
@@ -200,9 +207,59 @@ def test_adalora_baseline_prunes_to_the_target_budget():
             opt.zero_grad()
     finally:
         remove()
-    ranks = al.adalora_ranks(model)
+    ranks = adalora_ranks(model)
     assert set(ranks) == {t.name for t in targets}
     assert all(0 <= r <= 4 for r in ranks.values())
     # the budget is target_r per module on average; ties at the pruning threshold can keep a few more
     assert sum(ranks.values()) <= 4 * len(targets)
     assert abs(sum(ranks.values()) - 2 * len(targets)) <= 2
+
+
+def test_strategies_touch_no_model():
+    """strategies.py is pure: targets in, rank_pattern out (measurement and surgery live in measure.py)."""
+    import ast
+
+    source = Path(al.strategies.__file__).read_text()
+    imported = {n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
+    assert not {"torch", "torch.nn", "lora_fast.layers", "lora_fast.injection"} & imported
+
+
+@pytest.mark.parametrize("method", ["energy", "warmup"])
+def test_reallocate_probes_scores_and_resizes_in_one_call(method):
+    model = inject(tiny_bert(), TARGETS, r=4, alpha=8)
+    targets = al.adapter_targets(model)
+    assert len(targets) == 6 * LAYERS and {t.layer for t in targets} == set(range(LAYERS))
+    assert {t.kind for t in targets} >= {"attention.self.query", "intermediate.dense", "output.dense"}
+    budget = al.lora_param_count(targets, al.uniform(targets, 4))
+    calls = []
+
+    def probe(m):
+        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(3):
+            m(**batch(step)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        calls.append({name: layer.delta_weight() for name, layer in lora_modules(m).items()})
+        return "probe-result"
+
+    done = al.reallocate(model, probe, method, r_min=2, r_max=8, batches=[batch(10)])
+    assert len(calls) == 1 and done.probe_result == "probe-result" and done.method == method
+    probed = calls[0]
+    assert set(done.pattern) == set(probed) == set(done.scores) and done.budget == budget
+    ranks = {name: layer.r for name, layer in lora_modules(model).items()}
+    assert ranks == done.pattern and all(2 <= r <= 8 for r in ranks.values()) and len(set(ranks.values())) > 1
+    if method == "energy":
+        assert al.lora_param_count(targets, done.pattern) <= budget
+        assert all(1 <= v <= 4 for v in done.scores.values())  # energy ranks of rank-4 adapters
+    for name, layer in lora_modules(model).items():
+        after = layer.delta_weight()
+        if layer.r >= 4:  # grown adapters keep the probe's update; shrunk ones keep its top singular values
+            torch.testing.assert_close(after, probed[name], atol=1e-5, rtol=1e-4)
+        else:
+            top = torch.linalg.svdvals(probed[name])[: layer.r]
+            torch.testing.assert_close(torch.linalg.svdvals(after)[: layer.r], top, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="batches"):
+        al.reallocate(inject(tiny_bert(), TARGETS, r=4), None, "warmup")
+    with pytest.raises(ValueError, match="no lora_fast adapters"):
+        al.reallocate(tiny_bert(), None)

@@ -3,14 +3,23 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from lora_fast import data
-from lora_fast.data import ClassificationData
-from lora_fast.data import MissingDataError
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # after site-packages: the installed lora_fast (with _C) wins
+
+from experiments import data  # noqa: E402
+from experiments.data import MissingDataError  # noqa: E402
+from experiments.data import sampling  # noqa: E402
+from experiments.data.digits import load_digits  # noqa: E402
+from experiments.data.fashion_mnist import load_fashion_mnist  # noqa: E402
+from experiments.data.fortunes import load_fortunes  # noqa: E402
+from experiments.data.wordnet import load_wordnet  # noqa: E402
+from lora_fast.data import ClassificationData  # noqa: E402
 
 
 def _toy(counts: list[int]) -> ClassificationData:
@@ -28,7 +37,7 @@ def test_wordnet_parses_synset_lines(tmp_path: Path) -> None:
     for pos in ("verb", "adj", "adv"):
         (tmp_path / f"data.{pos}").write_text(header)
     (tmp_path / "data.verb").write_text(header + "00001740 29 v 01 breathe 0 000 | draw air into the lungs  \n")
-    d = data.load_wordnet(tmp_path)
+    d = load_wordnet(tmp_path)
     assert d.texts == ("that which is perceived or known", 'a domesticated canid; "the dog barked"',
                        "draw air into the lungs")  # fmt: skip
     assert d.labels.tolist() == [3, 5, 29]
@@ -38,9 +47,9 @@ def test_wordnet_parses_synset_lines(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("loader", "package"),
     [
-        (lambda root: data.load_wordnet(root), "wordnet-base"),
-        (lambda root: data.load_fortunes(root), "fortunes"),
-        (lambda root: data.load_fashion_mnist("train", root), "dataset-fashion-mnist"),
+        (lambda root: load_wordnet(root), "wordnet-base"),
+        (lambda root: load_fortunes(root), "fortunes"),
+        (lambda root: load_fashion_mnist("train", root), "dataset-fashion-mnist"),
     ],
 )
 def test_missing_files_name_the_package(tmp_path: Path, loader, package: str) -> None:
@@ -50,11 +59,9 @@ def test_missing_files_name_the_package(tmp_path: Path, loader, package: str) ->
 
 
 def test_digits_names_scikit_learn_when_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import fail
     with pytest.raises(MissingDataError, match="pip install scikit-learn"):
-        data.load_digits()
+        load_digits()
 
 
 def test_fortunes_split_and_index_files_skipped(tmp_path: Path) -> None:
@@ -62,11 +69,11 @@ def test_fortunes_split_and_index_files_skipped(tmp_path: Path) -> None:
     (tmp_path / "art.dat").write_bytes(b"\x00\x02binary")
     (tmp_path / "zen").write_text("only\n")
     (tmp_path / "tiny").write_text("x\n")
-    d = data.load_fortunes(tmp_path, min_count=1)
+    d = load_fortunes(tmp_path, min_count=1)
     assert d.class_names == ("art", "tiny", "zen")
     assert d.texts == ("one\nline", "two", "three", "x", "only")
     assert d.labels.tolist() == [0, 0, 0, 1, 2]
-    assert data.load_fortunes(tmp_path, min_count=2).class_names == ("art",)
+    assert load_fortunes(tmp_path, min_count=2).class_names == ("art",)
 
 
 def _write_idx(path: Path, array: torch.Tensor) -> None:
@@ -79,7 +86,7 @@ def test_fashion_mnist_reads_idx(tmp_path: Path) -> None:
     images = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", torch.tensor([9, 0, 3], dtype=torch.uint8))
-    d = data.load_fashion_mnist("test", tmp_path)
+    d = load_fashion_mnist("test", tmp_path)
     assert d.inputs.shape == (3, 28, 28) and d.inputs.dtype == torch.float32
     torch.testing.assert_close(d.inputs * 255, images.float())
     assert d.labels.tolist() == [9, 0, 3] and d.class_names[9] == "Ankle boot"
@@ -89,7 +96,7 @@ def test_fashion_mnist_reads_idx(tmp_path: Path) -> None:
 def test_installed_wordnet() -> None:
     d = data.load_dataset("wordnet")
     assert len(d) == 117_659 and d.num_classes == 45
-    assert len(data.eligible_classes(d, 500)) == 34
+    assert len(sampling.eligible_classes(d, 500)) == 34
 
 
 @pytest.mark.skipif(not Path("/usr/share/games/fortunes/art").is_file(), reason="Debian fortunes not installed")
@@ -107,30 +114,38 @@ def test_unknown_dataset() -> None:
         data.load_dataset("imagenet")
 
 
+def test_registry_entries_resolve() -> None:
+    import importlib
+
+    for name, target in data.DATASETS.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+
+
 def test_train_test_split_is_stratified_and_disjoint() -> None:
     d = _toy([50, 20, 10])
-    train, test = data.train_test_split(d, 0.2, seed=1)
+    train, test = sampling.train_test_split(d, 0.2, seed=1)
     assert test.class_counts().tolist() == [10, 4, 2]
     assert sorted(train.texts + test.texts) == sorted(d.texts)
-    assert data.train_test_split(d, 0.2, seed=1)[1].texts == test.texts
+    assert sampling.train_test_split(d, 0.2, seed=1)[1].texts == test.texts
 
 
 def test_sample_class_subsets() -> None:
-    subsets = data.sample_class_subsets(range(10), 3, 5, seed=0)
+    subsets = sampling.sample_class_subsets(range(10), 3, 5, seed=0)
     assert len(subsets) == 5 == len(set(subsets)) and all(len(s) == 3 for s in subsets)
-    assert subsets == data.sample_class_subsets(range(10), 3, 5, seed=0)
-    assert subsets != data.sample_class_subsets(range(10), 3, 5, seed=1)
+    assert subsets == sampling.sample_class_subsets(range(10), 3, 5, seed=0)
+    assert subsets != sampling.sample_class_subsets(range(10), 3, 5, seed=1)
     # only C(4, 3) = 4 subsets exist
-    assert len(data.sample_class_subsets(range(4), 3, 10)) == math.comb(4, 3)
+    assert len(sampling.sample_class_subsets(range(4), 3, 10)) == math.comb(4, 3)
     with pytest.raises(ValueError):
-        data.sample_class_subsets(range(4), 5, 1)
+        sampling.sample_class_subsets(range(4), 5, 1)
 
 
 @pytest.mark.parametrize("n", [2, 3, 5])
 def test_balanced_subset_holds_size_fixed(n: int) -> None:
     d = _toy([40] * 6)
     classes = [5, 1, 3, 0, 2][:n]
-    sub = data.balanced_subset(d, classes, 30, seed=0)
+    sub = sampling.balanced_subset(d, classes, 30, seed=0)
     assert len(sub) == 30
     counts = sub.class_counts().tolist()
     assert sum(counts) == 30 and max(counts) - min(counts) <= 1
@@ -139,16 +154,16 @@ def test_balanced_subset_holds_size_fixed(n: int) -> None:
     for text, label in zip(sub.texts, sub.labels.tolist(), strict=True):
         assert text.endswith(f"class {classes[label]}")
     with pytest.raises(ValueError, match="needed"):
-        data.balanced_subset(d, [0, 1], 100)
+        sampling.balanced_subset(d, [0, 1], 100)
 
 
 def test_label_noise() -> None:
     d = _toy([100] * 4)
-    assert data.add_label_noise(d, 0.0) is d
-    noisy = data.add_label_noise(d, 0.5, seed=3)
+    assert sampling.add_label_noise(d, 0.0) is d
+    noisy = sampling.add_label_noise(d, 0.5, seed=3)
     assert noisy.class_counts().tolist() == d.class_counts().tolist()
-    wrong = data.noisy_fraction(d, noisy)
+    wrong = sampling.noisy_fraction(d, noisy)
     # half the labels are shuffled among themselves; about 1/4 of those land on their own class again
     assert 0.3 < wrong <= 0.5
     assert noisy.texts == d.texts
-    assert data.noisy_fraction(d, data.add_label_noise(d, 1.0, seed=3)) > 0.6
+    assert sampling.noisy_fraction(d, sampling.add_label_noise(d, 1.0, seed=3)) > 0.6

@@ -157,8 +157,12 @@ def test_lora_minilm_with_snapshots(minilm) -> None:
 
 
 def test_causal_lm_path() -> None:
-    from lora_fast.causal_lm import byte_tokenizer
-    from lora_fast.causal_lm import tiny_llama
+    import sys
+    from pathlib import Path
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # the test model lives with the experiments
+    from experiments.models.smollm2 import byte_tokenizer
+    from experiments.models.smollm2 import tiny_llama
 
     model = lora_fast.inject(tiny_llama(layers=2), ["q_proj", "v_proj"], r=2, alpha=4)
     texts = ["hello world, hello world."] * 16

@@ -1,14 +1,18 @@
-"""Regressions with confidence intervals, Markdown tables and figure saving shared by the studies' reports."""
+"""Statistics of the studies, in one place: lines and means with confidence intervals, per-run averages, the tie
+rule of seed comparisons, and how far training had settled.
+
+The unit of every interval here is an independent run (a class subset or a seed): per-layer values of one run are
+averaged within the run first (``kind_means``), never treated as separate samples.
+"""
 
 from __future__ import annotations
 
-import io
 import math
+import statistics
+from collections.abc import Iterable
+from collections.abc import Mapping
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
-
-from experiments.runner.store import atomic_write_bytes
 
 
 def fit_line(x: Sequence[float], y: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
@@ -62,51 +66,125 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     return mean, stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
 
 
-def fmt(value: Any, digits: int = 3) -> str:
-    """A table cell: floats to ``digits`` significant decimals, NaN as ``n/a``."""
-    if isinstance(value, float):
-        return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
-def fmt_ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
-    """``value [lo, hi]``."""
-    return f"{fmt(value, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub Markdown table.
+def ci_halfwidth(fit: Mapping[str, float]) -> float:
+    """Half-width of a ``fit_line`` slope interval: at the observed residual spread, the smallest |slope| whose
+    interval would exclude 0 (NaN when the fit has no interval).
 
     Args:
-        headers: column titles.
-        rows: cells (formatted with ``fmt``).
+        fit: a ``fit_line`` result.
     """
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return (fit["slope_hi"] - fit["slope_lo"]) / 2
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Render a matplotlib figure to PNG atomically and close it.
+def kind_means(adapters: Iterable[Mapping[str, Any]], field: str = "energy_rank") -> dict[str, float]:
+    """Mean of ``field`` over the layers of one run, per matrix kind (``{"query": 3.5, ...}``).
 
     Args:
-        fig: the figure.
-        path: destination ``.png``.
+        adapters: a run's adapter records (``kind`` and ``field`` keys).
+        field: the per-adapter value to average.
     """
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    by_kind: dict[str, list[float]] = {}
+    for a in adapters:
+        by_kind.setdefault(a["kind"], []).append(float(a[field]))
+    return {k: statistics.fmean(v) for k, v in by_kind.items()}
 
 
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the non-interactive Agg backend (no display on a server)."""
-    import matplotlib
+def last_quarter_change(history: Sequence[Mapping[str, Any]], key: str) -> float:
+    """``key`` at the last point minus ``key`` at the last point at or before 3/4 of the final step (NaN when
+    there is none): how much a quantity still moved over the last quarter of training.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Args:
+        history: points ``{"step": int, key: value}`` in step order (e.g. ``TrainResult.eval_history``).
+        key: the quantity.
+    """
+    points = [h for h in history if key in h]
+    if len(points) < 2:
+        return float("nan")
+    end = points[-1]
+    earlier = [h for h in points if h["step"] <= 0.75 * end["step"]]
+    return float(end[key]) - float(earlier[-1][key]) if earlier else float("nan")
 
-    return plt
+
+def seed_summary(rows: list[dict[str, Any]], key: str, metric: str, higher_better: bool) -> list[dict[str, Any]]:
+    """Per group (``row[key]``): seeds, mean/min/max of ``metric`` and a verdict against the best group.
+
+    A group ties with the best when |mean − best mean| ≤ max(its seed range, the best's seed range); with fewer
+    than two seeds in either group no call is made.
+
+    Args:
+        rows: finished runs.
+        key: field naming the group (e.g. ``strategy``).
+        metric: field compared (e.g. ``accuracy``).
+        higher_better: direction of ``metric``.
+    """
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(r[key], []).append(float(r[metric]))
+    stats = []
+    for group, values in groups.items():
+        stats.append({"group": group, "seeds": len(values), "mean": statistics.fmean(values), "min": min(values),
+                      "max": max(values), "range": max(values) - min(values)})  # fmt: skip
+    best = (max if higher_better else min)(stats, key=lambda s: s["mean"])
+    for s in stats:
+        if s is best:
+            s["verdict"] = "best" if s["seeds"] >= 2 else "best mean (1 seed: no call)"
+        elif s["seeds"] < 2 or best["seeds"] < 2:
+            s["verdict"] = "1 seed: no call"
+        elif abs(s["mean"] - best["mean"]) <= max(s["range"], best["range"]):
+            s["verdict"] = "tie with best"
+        else:
+            s["verdict"] = "worse"
+    return stats
+
+
+def compare(stats: list[dict[str, Any]], a: str, b: str, higher_better: bool) -> str:
+    """One sentence comparing groups ``a`` and ``b`` of ``seed_summary`` with the same tie rule.
+
+    Args:
+        stats: ``seed_summary`` output.
+        a: first group.
+        b: second group.
+        higher_better: direction of the metric.
+    """
+    by = {s["group"]: s for s in stats}
+    if a not in by or b not in by:
+        return f"{a} vs {b}: not both run."
+    sa, sb = by[a], by[b]
+    diff = sa["mean"] - sb["mean"]
+    if min(sa["seeds"], sb["seeds"]) < 2:
+        verdict = "no call with 1 seed"
+    elif abs(diff) <= max(sa["range"], sb["range"]):
+        verdict = "tie (difference within the seed-to-seed spread)"
+    else:
+        verdict = f"{a if (diff > 0) == higher_better else b} better"
+    return f"{a} vs {b}: mean difference {diff:+.4f} (spreads {sa['range']:.4f} / {sb['range']:.4f}): {verdict}."
+
+
+def sign_verdict(fit: Mapping[str, float], expected_sign: int) -> str:
+    """Call a fitted slope against a published direction: ``reproduced`` when its interval lies on the expected
+    side of 0, ``contradicted`` when it lies on the other side, else ``inconclusive (CI spans 0)``.
+
+    Args:
+        fit: a ``fit_line`` result (or any mapping with ``slope_lo``/``slope_hi``).
+        expected_sign: +1 or -1.
+    """
+    lo, hi = fit["slope_lo"], fit["slope_hi"]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "inconclusive (too few points for an interval)"
+    if (lo > 0 and expected_sign > 0) or (hi < 0 and expected_sign < 0):
+        return "reproduced"
+    if lo > 0 or hi < 0:
+        return "contradicted"
+    return "inconclusive (CI spans 0)"
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """``mean_ci`` as a mapping shaped like a ``fit_line`` slope (``slope``, ``slope_lo``, ``slope_hi``, ``n``),
+    for a quantity measured once per independent unit (e.g. each run's slope over layers).
+
+    Args:
+        values: one value per unit.
+        confidence: interval level.
+    """
+    mean, half = mean_ci(list(values), confidence)
+    return {"slope": mean, "slope_lo": mean - half, "slope_hi": mean + half, "n": len(values)}

@@ -1,55 +1,65 @@
-"""Study: LoRA vs full fine-tuning (issue 5): trainable parameters, wall time, peak memory, accuracy and macro-F1
-of full fine-tuning and of LoRA at several ranks, on the same data with the same step budget.
+"""LoRA vs full fine-tuning: cost (parameters, time, memory) and accuracy at several ranks, same data and steps.
 
-Runs go through ``common.run_classification`` (the data, head initialisation and training loop of studies 1-3),
+Trainable parameters, wall time, peak memory, accuracy and macro-F1 of full fine-tuning and of LoRA at several
+ranks, on the same data with the same step budget.
+
+Runs go through ``_classification.run_classification`` (the data, head initialisation and training loop of studies 1-3),
 with LoRA on every linear layer of the encoder. Peak memory on CPU is the process's resident set size (it includes
 the Python process and every model cached so far), so compare rows of one invocation, not absolute values; on CUDA
-it is ``max_memory_allocated``. Ties use ``rank_allocation``'s rule (difference within the seed range).
+it is ``max_memory_allocated``. Ties use ``analysis.seed_summary``'s rule (difference within the seed range).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from pathlib import Path
 from typing import Any
 
-from experiments.runner.analysis import markdown_table
-from experiments.runner.analysis import pyplot
-from experiments.runner.analysis import save_figure
+from experiments.runner.analysis import compare
+from experiments.runner.analysis import seed_summary
+from experiments.runner.config import LoraSettings
+from experiments.runner.config import ModelSettings
+from experiments.runner.config import SweepConfig
+from experiments.runner.config import TrainSettings
 from experiments.runner.context import RunContext
+from experiments.runner.report import markdown_table
+from experiments.runner.report import pyplot
+from experiments.runner.report import save_figure
 from experiments.runner.spec import RunSpec
 from experiments.runner.store import atomic_write_text
-from experiments.studies.common import classification_params
-from experiments.studies.common import run_classification
-from experiments.studies.rank_allocation import compare
-from experiments.studies.rank_allocation import section
-from experiments.studies.rank_allocation import seed_summary
+from experiments.studies._classification import ClassificationTask
+from experiments.studies._classification import run_classification
+from experiments.studies._classification import run_params
 
 NAME = "lora_vs_full"
 
-# Small-scale CPU default: the data and 6-layer MiniLM of the default rank_allocation study (seed 0 draws the same
-# 8 classes and glosses), 36 steps of batch 16 for every run.
-DEFAULTS: dict[str, Any] = {
-    "scale": "small-scale CPU demo: 6-layer MiniLM, 8 WordNet classes, 384 train glosses, 36 steps, 2 seeds",
-    "dataset": "wordnet",
-    "test_fraction": 0.2,
-    "min_per_class": 500,
-    "n_classes": 8,
-    "train_size": 384,
-    "eval_size": 192,
-    "model": {"name": "minilm", "num_layers": 6, "max_length": 24},
-    "ranks": [2, 8, 32],
-    "seeds": [0, 1],
-    "energy_threshold": 0.95,
-    "lora": {
-        "targets": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-        "alpha": 16,
-        "lr": 3e-3,
-        "max_steps": 36,
-        "batch_size": 16,
-    },
-    "full": {"lr": 1e-4, "max_steps": 36, "batch_size": 16},
-}
+ALL_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(ClassificationTask):
+    """Settings of the LoRA-vs-full comparison (small-scale CPU defaults: 6-layer MiniLM, 8 WordNet classes, 384
+    training glosses, 36 steps of batch 16 for every run, 2 seeds).
+
+    Args:
+        scale: one line describing the scale, printed in the tables.
+        n_classes: classes of the task (the class subset is drawn from each run's seed).
+        ranks: LoRA ranks compared with full fine-tuning.
+        seeds: seeds (class subset, data sample, head init and training).
+    """
+
+    scale: str = "small-scale CPU demo: 6-layer MiniLM, 8 WordNet classes, 384 train glosses, 36 steps, 2 seeds"
+    train_size: int = 384
+    eval_size: int = 192
+    model: ModelSettings = dataclasses.field(default_factory=lambda: ModelSettings("minilm", 6, 24))
+    lora: LoraSettings = dataclasses.field(default_factory=lambda: LoraSettings(
+        targets=ALL_LINEAR, r=8, alpha=16.0, lr=3e-3, max_steps=36, batch_size=16))  # fmt: skip
+    full: TrainSettings = dataclasses.field(default_factory=lambda: TrainSettings(lr=1e-4, max_steps=36,
+                                                                                  batch_size=16))  # fmt: skip
+    n_classes: int = 8
+    ranks: tuple[int, ...] = (2, 8, 32)
+    seeds: tuple[int, ...] = (0, 1)
 
 
 def _label(row_or_params: dict[str, Any]) -> str:
@@ -57,33 +67,31 @@ def _label(row_or_params: dict[str, Any]) -> str:
     return "full" if params["kind"] == "full" else f"lora r={params['train']['r']}"
 
 
-def plan(config: dict[str, Any]) -> list[RunSpec]:
+def plan(config: SweepConfig) -> list[RunSpec]:
     """Full fine-tuning and LoRA at each rank, per seed."""
-    sec = section(config, NAME, DEFAULTS)
-    model_config = {"model": sec["model"]}
+    sec = config.section(NAME)
     specs = []
-    for seed in sec["seeds"]:
-        params = classification_params(model_config, sec, "full", sec["n_classes"], 0, 0.0, seed)
-        specs.append(RunSpec.make(NAME, f"full-s{seed}", params))
-        for r in sec["ranks"]:
-            variant = {**sec, "lora": {**sec["lora"], "r": r}}
-            params = classification_params(model_config, variant, "lora", sec["n_classes"], 0, 0.0, seed)
+    for seed in sec.seeds:
+        specs.append(RunSpec.make(NAME, f"full-s{seed}", run_params(sec, "full", sec.n_classes, 0, 1, 0.0, seed)))
+        for r in sec.ranks:
+            variant = dataclasses.replace(sec, lora=LoraSettings({**sec.lora, "r": r}))
+            params = run_params(variant, "lora", sec.n_classes, 0, 1, 0.0, seed)
             specs.append(RunSpec.make(NAME, f"lora-r{r}-s{seed}", params))
     return specs
 
 
 def execute(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
-    """Train one run (``common.run_classification``); adds ``label`` (``full`` or ``lora r=…``)."""
+    """Train one run (``_classification.run_classification``); adds ``label`` (``full`` or ``lora r=…``)."""
     return {"label": _label(spec.params), **run_classification(spec.params, ctx)}
 
 
-def report(rows: list[dict[str, Any]], config: dict[str, Any], outdir: Path) -> str:
+def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path) -> str:
     """Cost table ``cost.md`` and plot ``accuracy_vs_params.png``."""
-    sec = section(config, NAME, DEFAULTS)
+    sec = config.section(NAME)
     outdir.mkdir(parents=True, exist_ok=True)
     if not rows:
         return f"### {NAME}\n\nno finished runs.\n"
-    labels = ["full", *[f"lora r={r}" for r in sec["ranks"]]]
+    labels = ["full", *[f"lora r={r}" for r in sec.ranks]]
     labels = [lab for lab in labels if any(r["label"] == lab for r in rows)]
     stats = {s["group"]: s for s in seed_summary(rows, "label", "accuracy", True)}
 
@@ -98,8 +106,8 @@ def report(rows: list[dict[str, Any]], config: dict[str, Any], outdir: Path) -> 
         for lab in labels
     ]  # fmt: skip
     kind = rows[0].get("peak_memory_kind", "")
-    text = f"# LoRA vs full fine-tuning ({sec['scale']})\n\n"
-    text += (f"Same data, {sec['full']['max_steps']} steps of batch {sec['full']['batch_size']} for every run. "
+    text = f"# LoRA vs full fine-tuning ({sec.scale})\n\n"
+    text += (f"Same data, {sec.full['max_steps']} steps of batch {sec.full['batch_size']} for every run. "
              f"Accuracy over seeds: mean [min, max]; ties: difference within the larger seed range. Peak memory: "
              f"{kind} (on CPU the process RSS, including cached models; compare rows, not absolutes). "
              "Time: training loop only (no evaluation).\n\n")  # fmt: skip
@@ -125,7 +133,7 @@ def report(rows: list[dict[str, Any]], config: dict[str, Any], outdir: Path) -> 
     axes[1].set(ylabel="training time (s)", title="Wall time, same steps")
     save_figure(fig, outdir / "accuracy_vs_params.png")
 
-    summary = f"### {NAME}\n\n{sec['scale']}; {max(s['seeds'] for s in stats.values())} seed(s).\n\n"
+    summary = f"### {NAME}\n\n{sec.scale}; {max(s['seeds'] for s in stats.values())} seed(s).\n\n"
     summary += markdown_table(["run", "trainable params", "time (s)", "accuracy", "verdict"],
                               [[t[0], t[2], t[3], t[5], t[8]] for t in table])  # fmt: skip
     return summary + "\n" + "\n".join(f"- {s}" for s in lines) + "\n"

@@ -1,0 +1,1 @@
+"""Outside methods the studies compare against (PEFT's AdaLoRA)."""
