@@ -1,0 +1,1 @@
+"""Offline models for the experiments, converted from files shipped in PyPI packages."""
