@@ -45,7 +45,6 @@ from experiments.models.dinov2 import IMAGENET_MEAN
 from experiments.models.dinov2 import IMAGENET_STD
 from experiments.models.dinov2 import cache_dir
 from lora_fast.data import ClassificationData
-from lora_fast.data import MissingDataError
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -176,7 +175,7 @@ def decode_clipart(
     root = Path(root or os.environ.get("OPENCLIPART_DIR") or DEFAULT_ROOT)
     paths = _listing(root) if root.is_dir() else []
     if not paths:
-        raise MissingDataError("openclipart", root, "apt-get install openclipart-png")
+        raise FileNotFoundError(f"openclipart: no PNG files at {root}. Install: apt-get install openclipart-png")
     key = _cache_key(root, paths, size, min_side, max_pixels)
     cache_file = Path(cache or cache_dir()) / f"openclipart-{size}px-{key}.pt"
     if cache_file.is_file():
