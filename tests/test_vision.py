@@ -175,8 +175,9 @@ def test_key_mapping_truncates_layers_and_drops_an_unused_mask_token() -> None:
     assert not any(k.startswith(("encoder.layer.1.", "encoder.layer.2.")) for k in mapped)
     # transformers 4.x always has a mask token; 5.x drops it with use_mask_token=False
     assert ("embeddings.mask_token" in mapped) is ("embeddings.mask_token" in target.state_dict())
-    state["embeddings.extra"] = torch.zeros(1)  # an unexpected key must reach the strict load, not vanish
-    with pytest.raises(RuntimeError, match=r"embeddings\.extra"):
+    state["embeddings.extra"] = torch.zeros(1)  # unexpected keys must reach the strict load, not vanish
+    state["encoder.layer.0.mlp.fc3.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match=r"embeddings\.extra.*fc3\.weight|fc3\.weight.*embeddings\.extra"):
         target.load_state_dict(dinov2.to_model_keys(state, target.state_dict().keys()), strict=True)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from collections.abc import Iterable
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,7 @@ def onnx_state_dict(path: str | Path | None = None) -> dict[str, torch.Tensor]:
     return state
 
 
-def to_model_keys(state: Mapping[str, torch.Tensor], model_keys: set[str] | Any) -> dict[str, torch.Tensor]:
+def to_model_keys(state: Mapping[str, torch.Tensor], model_keys: Iterable[str]) -> dict[str, torch.Tensor]:
     """Rename a state dict in the ONNX file's naming to the naming of the installed ``Dinov2Model``.
 
     Handles both conventions (``attention.attention.query`` and ``attention.q_proj``) and drops ``mask_token``
@@ -185,14 +186,24 @@ def to_model_keys(state: Mapping[str, torch.Tensor], model_keys: set[str] | Any)
     """
     model_keys = set(model_keys)
     new_names = any(".attention.q_proj." in k for k in model_keys)
+    model_layers = {_layer_of(k) for k in model_keys} - {None}
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if new_names:
             for old, new in _NEW_ATTENTION_NAMES.items():
                 key = key.replace(old, new)
-        if key in model_keys or not (key == "embeddings.mask_token" or key.startswith("encoder.layer.")):
-            out[key] = value  # unknown non-layer keys are kept so that a strict load names them
+        layer = _layer_of(key)
+        if (layer is not None and layer not in model_layers) or (
+            key == "embeddings.mask_token" and key not in model_keys
+        ):
+            continue
+        out[key] = value  # any other key the model lacks reaches the strict load, which names it
     return out
+
+
+def _layer_of(key: str) -> int | None:
+    match = re.match(r"encoder\.layer\.(\d+)\.", key)
+    return int(match.group(1)) if match else None
 
 
 def convert_onnx(onnx_path: str | Path | None = None, out: str | Path | None = None) -> Path:
