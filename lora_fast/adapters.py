@@ -36,7 +36,16 @@ from lora_fast.peft_rules import layer_and_kind
 from lora_fast.peft_rules import lora_scaling
 from lora_fast.peft_rules import strip_prefix
 
-__all__ = ["Adapter", "AdapterError", "LoraPair", "find_pairs", "load_tensors", "read_adapter", "read_settings"]
+__all__ = [
+    "Adapter",
+    "AdapterError",
+    "LoraPair",
+    "find_pairs",
+    "is_lora_key",
+    "load_tensors",
+    "read_adapter",
+    "read_settings",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -47,6 +56,14 @@ _MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<ada
 # kohya-ss (and diffusers' older ``lora.down``) keys
 _KOHYA_KEY = re.compile(r"^(?P<module>.+)\.lora[._](?P<ab>down|up)\.weight$")
 _LYCORIS_MARKERS = ("hada_w1", "lokr_w1", "lokr_w2", ".oft_", "ia3_l")
+
+
+def is_lora_key(key: str) -> bool:
+    """True for a key of a LoRA factor (PEFT lora_A/B/E, embedding factors, DoRA magnitude; kohya lora_down/up)."""
+    if key.endswith(".bias") or key.endswith(".alpha"):
+        return False
+    stem = key.removesuffix(".weight")
+    return bool(_PEFT_KEY.match(stem) or _MAGNITUDE_KEY.match(stem) or _KOHYA_KEY.match(key))
 
 
 class AdapterError(ValueError):

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 
+from lora_fast.adapters import Adapter
+from lora_fast.adapters import LoraPair
 from lora_fast.adapters import find_pairs
 from lora_fast.ops.lowrank_svd import dense_svdvals
 from lora_fast.ops.lowrank_svd import lowrank_svdvals
@@ -272,36 +275,43 @@ class AdapterRecord:
 
 
 def analyze(
-    source: torch.nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    source: torch.nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike | Adapter,
     threshold: float = 0.95,
     *,
     config: Mapping[str, Any] | str | os.PathLike | Any | None = None,
     adapter_name: str | None = None,
+    alpha: float | None = None,
+    progress: bool = False,
 ) -> list[AdapterRecord]:
     """Spectra and energy ranks of every LoRA adapter in ``source``, from one batched call.
 
     Args:
         source: a PEFT model, a model with lora_fast adapters, a state dict (PEFT's saved keys
-            ``….lora_A.weight``, in-memory ``….lora_A.<adapter>.weight``, or lora_fast's ``….lora_A``), or a
-            saved PEFT adapter (directory with ``adapter_model.safetensors``, or that file).
+            ``….lora_A.weight``, in-memory ``….lora_A.<adapter>.weight``, or lora_fast's ``….lora_A``), a saved
+            adapter (PEFT folder, weights file or kohya file; see ``lora_fast.adapters``), or an ``Adapter`` read by
+            ``lora_fast.adapters.read_adapter``.
         threshold: energy fraction for ``energy_rank``.
         config: LoRA config (dict, ``LoraConfig`` or path to ``adapter_config.json``) giving ``lora_alpha``,
             ``use_rslora`` and ``alpha_pattern`` for state dicts; read from the adapter folder when present.
             Modules carry their own scaling and ignore it.
         adapter_name: only this PEFT adapter (default: all).
+        alpha: alpha for a state dict or weights file without config (scaling alpha / r).
+        progress: show a progress bar (stderr) when the work takes more than a second.
 
     Returns:
         One record per adapter, in model/state-dict order.
+
+    Raises:
+        ValueError: unreadable or inconsistent input (``lora_fast.adapters.AdapterError`` names file and key), a
+            threshold outside (0, 1], NaN or Inf in a factor (the module is named).
     """
     threshold = _check_threshold(threshold)
-    pairs = find_pairs(source, config=config, adapter_name=adapter_name)
-    try:
-        sigmas = singular_values([p.A for p in pairs], [p.B for p in pairs], [p.scaling for p in pairs])
-    except ValueError:
-        for pair in pairs:  # name the module rather than its index in the batch
-            if not (bool(torch.isfinite(pair.A).all()) and bool(torch.isfinite(pair.B).all())):
-                raise ValueError(f"analyze: the adapter of {pair.name!r} contains NaN or Inf") from None
-        raise
+    pairs = (
+        source.pairs
+        if isinstance(source, Adapter)
+        else find_pairs(source, config=config, adapter_name=adapter_name, alpha=alpha)
+    )
+    sigmas = _spectra(pairs, progress)
     ranks = energy_rank(sigmas, threshold)
     records = []
     for pair, sigma, rank in zip(pairs, sigmas, ranks, strict=True):
@@ -312,3 +322,31 @@ def analyze(
             )
         )
     return records
+
+
+def _spectra(pairs: Sequence[LoraPair], progress: bool) -> list[torch.Tensor]:
+    """σ of every pair's ΔW: one batched call, or chunks of 32 under a progress bar (shown after 1 s)."""
+    chunks = [list(range(len(pairs)))]
+    bar = None
+    if progress and len(pairs) > 32:
+        from tqdm.auto import tqdm
+
+        chunks = [list(range(s, min(s + 32, len(pairs)))) for s in range(0, len(pairs), 32)]
+        bar = tqdm(total=len(pairs), desc="analyze", unit="module", delay=1.0, file=sys.stderr)
+    sigmas: list[torch.Tensor] = []
+    try:
+        for idx in chunks:
+            chunk = [pairs[i] for i in idx]
+            try:
+                sigmas += singular_values([p.A for p in chunk], [p.B for p in chunk], [p.scaling for p in chunk])
+            except ValueError:
+                for pair in chunk:  # name the module rather than its index in the batch
+                    if not (bool(torch.isfinite(pair.A).all()) and bool(torch.isfinite(pair.B).all())):
+                        raise ValueError(f"analyze: the adapter of {pair.name!r} contains NaN or Inf") from None
+                raise
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        if bar is not None:
+            bar.close()
+    return sigmas

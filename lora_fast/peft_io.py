@@ -213,7 +213,12 @@ def staged_folder(target: str | Path, *, replace: bool, keep_other_files: bool =
 
 
 def write_adapter_folder(
-    folder: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], *, replace: bool
+    folder: str | Path,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    replace: bool,
+    keep_other_files: bool = True,
 ) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder`` atomically (``staged_folder``).
 
@@ -221,9 +226,10 @@ def write_adapter_folder(
         folder: the adapter folder.
         config: the config dict.
         tensors: the weights, keys as PEFT saves them.
-        replace: replace an existing folder (other files in it are kept).
+        replace: replace an existing folder.
+        keep_other_files: keep the old folder's other files (a model card, checkpoints, …).
     """
-    with staged_folder(folder, replace=replace) as temp:
+    with staged_folder(folder, replace=replace, keep_other_files=keep_other_files) as temp:
         (temp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(temp / WEIGHTS_NAME), metadata={"format": "pt"})
 
