@@ -34,6 +34,7 @@ from lora_fast.peft_rules import LoraSettings
 from lora_fast.peft_rules import adalora_scaling
 from lora_fast.peft_rules import layer_and_kind
 from lora_fast.peft_rules import lora_scaling
+from lora_fast.peft_rules import pattern_key
 from lora_fast.peft_rules import strip_prefix
 
 __all__ = [
@@ -363,6 +364,7 @@ def pairs_from_state_dict(
             stacklevel=3,
         )
     pairs = []
+    overlapping: set[str] = set()
     for (module, adapter), slots in found.items():
         emb = "emb_A" in slots or "emb_B" in slots
         a_slot, b_slot = ("emb_A", "emb_B") if emb else ("A", "B")
@@ -391,7 +393,9 @@ def pairs_from_state_dict(
                 raise AdapterError(f"{where}: the config is AdaLoRA's but {key_a} has no lora_E partner")
             expected = settings.rank_for(name)
             states_rank = "r" in settings.raw or bool(settings.rank_pattern)  # a partial config may leave r out
-            if states_rank and r != expected:
+            if states_rank and r != expected and r in _matching_values(settings.rank_pattern, name):
+                overlapping.add(name)  # PEFT's own save sorts pattern keys, so their order, which decides, is lost
+            elif states_rank and r != expected:
                 field_name = "rank_pattern" if settings.rank_pattern and expected != settings.r else "r"
                 raise AdapterError(
                     f"{where}: {key_a} has shape {tuple(a.shape)} and {key_b} {tuple(b.shape)} (rank {r}), but "
@@ -400,6 +404,8 @@ def pairs_from_state_dict(
             scaling = settings.scaling_for(name, r)
         else:
             scaling = 1.0 if alpha is None else lora_scaling(alpha, r)
+        if settings is not None and len(set(_matching_values(settings.alpha_pattern, name))) > 1:
+            overlapping.add(name)
         pairs.append(
             LoraPair(
                 name,
@@ -414,7 +420,19 @@ def pairs_from_state_dict(
                 adalora=adalora,
             )
         )
+    if overlapping:
+        warnings.warn(
+            f"{where}: several rank_pattern/alpha_pattern keys match {len(overlapping)} module(s) (e.g. "
+            f"{sorted(overlapping)[0]!r}) with different values; PEFT takes the first key in order, and its own "
+            "save_pretrained sorts the keys, so ranks are taken from the weights and alphas from the first key",
+            stacklevel=3,
+        )
     return pairs
+
+
+def _matching_values(pattern: Mapping[str, Any], name: str) -> list[Any]:
+    """Values of every key of ``pattern`` that matches ``name`` (PEFT uses only the first)."""
+    return [value for key, value in pattern.items() if pattern_key({key: value}, name) is not None]
 
 
 def _kohya_pairs(state: Mapping[str, torch.Tensor], file: Path) -> list[LoraPair]:

@@ -132,14 +132,27 @@ def _groups(pairs: Sequence[LoraPair]) -> list[list[int]]:
 def _equilibrated_r_factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For Gram matrices G = XᵀX (c, r, r): scale d = diag(G)^-½, and X D = Q (Λ^½ Vᵀ) from eigh(D G D).
 
-    Returns (d, λ, V, cond) with λ ascending and cond = cond(X D). Scaling the columns first makes the route as
-    accurate as the columns' directions allow, whatever their norms (trained B columns differ by orders of
-    magnitude), and the float32 products below depend on cond(X D), not cond(X), because the scaling cancels in
-    them entry by entry.
+    Returns (d, λ, V, cond) with λ ascending and cond = cond(X D) (inf where X has a zero column or the Gram matrix
+    is not finite). Scaling the columns first makes the route as accurate as the columns' directions allow, whatever
+    their norms (trained B columns differ by orders of magnitude), and the float32 products below depend on
+    cond(X D), not cond(X), because the scaling cancels in them entry by entry.
     """
-    d = gram.diagonal(dim1=-2, dim2=-1).rsqrt()
-    lam, v = torch.linalg.eigh(d.unsqueeze(-1) * gram * d.unsqueeze(-2))
-    cond = (lam[:, -1] / lam[:, 0]).sqrt()  # λ_min <= 0 or a zero column (d = inf): NaN or inf, never "good"
+    diag = gram.diagonal(dim1=-2, dim2=-1)
+    usable = torch.isfinite(gram).all(-1).all(-1) & (diag > 0).all(-1)
+    d = torch.where(usable.unsqueeze(-1), diag, 1.0).rsqrt()
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype)
+    scaled = torch.where(usable[:, None, None], d.unsqueeze(-1) * gram * d.unsqueeze(-2), eye)
+    try:
+        lam, v = torch.linalg.eigh(scaled)
+    except torch.linalg.LinAlgError:  # one member failed to converge: the others keep the fast route
+        lam, v = torch.ones(gram.shape[:-1], dtype=gram.dtype), eye.expand_as(gram).clone()
+        for i in range(gram.shape[0]):
+            try:
+                lam[i], v[i] = torch.linalg.eigh(scaled[i])
+            except torch.linalg.LinAlgError:
+                usable[i] = False
+    cond = (lam[:, -1] / lam[:, 0]).sqrt()  # λ_min <= 0: NaN or inf, never "good"
+    cond = torch.where(usable, cond, torch.inf)
     return d, lam, v, cond
 
 
@@ -154,7 +167,6 @@ def _factor_chunk(pairs: Sequence[LoraPair]) -> list[_Factored]:
     d_a, lam_a, v_a, cond_a = _equilibrated_r_factor(torch.stack(grams_a))
     d_b, lam_b, v_b, cond_b = _equilibrated_r_factor(torch.stack(grams_b))
     good = (lam_a[:, 0] > 0) & (lam_b[:, 0] > 0) & (cond_a <= _GRAM_MAX_COND) & (cond_b <= _GRAM_MAX_COND)
-    good &= torch.isfinite(d_a).all(-1) & torch.isfinite(d_b).all(-1)
     # Aᵀ D_A... with Ã = D_A A = R̃_Aᵀ Q_Aᵀ and B̃ = B D_B = Q_B R̃_B, R̃ = Λ^½ Vᵀ:
     # B A = Q_B [R̃_B D_B⁻¹ D_A⁻¹ R̃_Aᵀ] Q_Aᵀ, an r×r core whose SVD U Σ Wᵀ gives B' = B·(D_B Ṽ_B Λ_B^-½ U Σ^½) and
     # A' = (Σ^½ Wᵀ Λ_A^-½ Ṽ_Aᵀ D_A)·A.
