@@ -370,7 +370,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lora-fast`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (already printed, in one line)
+        return exc.code if isinstance(exc.code, int) else 2
     warnings.showwarning = _show_warning
     try:
         return _analyze(args) if args.command == "analyze" else _shrink(args)
