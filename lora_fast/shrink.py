@@ -6,8 +6,9 @@ Ranks are chosen per module (``threshold``: the energy rank; ``rank``: at most N
 folder, or a kohya file), atomically, and every module keeps its scaling s: PEFT gets ``rank_pattern`` and
 ``alpha_pattern`` (alpha' = s·j, or s·√j with rsLoRA) keyed by full module names.
 
-How, per group of modules of equal shape (batched): the float64 Gram matrices G_B = BᵀB and G_A = A Aᵀ (r × r) give
-R factors B = Q_B R_B, Aᵀ = Q_A R_A through their eigendecompositions (R = Λ^½ Vᵀ); the r × r core R_B R_Aᵀ = U Σ Wᵀ
+How, per group of modules of equal rank (the r × r work batched): the float64 Gram matrices G_B = BᵀB and G_A = A Aᵀ
+give R factors B = Q_B R_B, Aᵀ = Q_A R_A by Cholesky (after scaling B's columns and A's rows to unit norm, which keeps
+it accurate whatever their norms); the r × r core R_B R_Aᵀ = U Σ Wᵀ
 gives σ(B·A) = Σ, and the truncated factors are B' = B·(R_B⁻¹ U_j Σ_j^½), A' = (Σ_j^½ W_jᵀ R_A⁻ᵀ)·A, so that
 B'·A' = Q_B U_j Σ_j W_jᵀ Q_Aᵀ is the Eckart–Young truncation. Cost O((m+n)·r²) per module instead of the O(m·n·min(m,n))
 of the dense SVD. Factors whose Gram matrix is too ill-conditioned for this (cond > 1e3, or rank-deficient) go through
@@ -20,6 +21,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from dataclasses import dataclass
@@ -129,56 +131,61 @@ def _groups(pairs: Sequence[LoraPair]) -> list[list[int]]:
     return [idx[s : s + _CHUNK] for idx in by_rank.values() for s in range(0, len(idx), _CHUNK)]
 
 
-def _equilibrated_r_factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For Gram matrices G = XᵀX (c, r, r): scale d = diag(G)^-½, and X D = Q (Λ^½ Vᵀ) from eigh(D G D).
+def _equilibrated_r_factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For Gram matrices G = XᵀX (c, r, r): column scales d = diag(G)^-½, R̃ with X D = Q R̃ (upper, Cholesky of D G D),
+    and cond(X D) (inf where X has a zero column, G is not finite, or Cholesky fails).
 
-    Returns (d, λ, V, cond) with λ ascending and cond = cond(X D) (inf where X has a zero column or the Gram matrix
-    is not finite). Scaling the columns first makes the route as accurate as the columns' directions allow, whatever
-    their norms (trained B columns differ by orders of magnitude), and the float32 products below depend on
-    cond(X D), not cond(X), because the scaling cancels in them entry by entry.
+    Scaling the columns first makes the route as accurate as the columns' directions allow, whatever their norms
+    (trained B columns differ by orders of magnitude), and the float32 products below depend on cond(X D), not
+    cond(X), because the scaling cancels in them entry by entry.
     """
     diag = gram.diagonal(dim1=-2, dim2=-1)
     usable = torch.isfinite(gram).all(-1).all(-1) & (diag > 0).all(-1)
     d = torch.where(usable.unsqueeze(-1), diag, 1.0).rsqrt()
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype)
     scaled = torch.where(usable[:, None, None], d.unsqueeze(-1) * gram * d.unsqueeze(-2), eye)
+    lower, info = torch.linalg.cholesky_ex(scaled)
+    usable &= info == 0
+    scaled = torch.where(usable[:, None, None], scaled, eye)
     try:
-        lam, v = torch.linalg.eigh(scaled)
-    except torch.linalg.LinAlgError:  # one member failed to converge: the others keep the fast route
-        lam, v = torch.ones(gram.shape[:-1], dtype=gram.dtype), eye.expand_as(gram).clone()
+        lam = torch.linalg.eigvalsh(scaled)  # values only: a third of eigh's time at r=64
+    except torch.linalg.LinAlgError:  # did not converge for some member: the others keep the fast route
+        lam = torch.ones(gram.shape[:-1], dtype=gram.dtype)
         for i in range(gram.shape[0]):
             try:
-                lam[i], v[i] = torch.linalg.eigh(scaled[i])
+                lam[i] = torch.linalg.eigvalsh(scaled[i])
             except torch.linalg.LinAlgError:
                 usable[i] = False
-    cond = (lam[:, -1] / lam[:, 0]).sqrt()  # λ_min <= 0: NaN or inf, never "good"
-    cond = torch.where(usable, cond, torch.inf)
-    return d, lam, v, cond
+    cond = torch.where(usable & (lam[:, 0] > 0), (lam[:, -1] / lam[:, 0]).sqrt(), torch.inf)
+    return d, lower.mT, cond
 
 
 @torch.no_grad()
 def _factor_chunk(pairs: Sequence[LoraPair]) -> list[_Factored]:
     """σ and truncation maps for pairs of equal rank r: A (r, n), B (m, r)."""
     grams_a, grams_b = [], []
-    for pair in pairs:  # one pass over each factor, converted to float64 (float32 Gram products lose ~eps32·cond²)
-        a64, b64 = pair.A.to(torch.float64), pair.B.to(torch.float64)
-        grams_a.append(a64 @ a64.mT)
-        grams_b.append(b64.mT @ b64)
-    d_a, lam_a, v_a, cond_a = _equilibrated_r_factor(torch.stack(grams_a))
-    d_b, lam_b, v_b, cond_b = _equilibrated_r_factor(torch.stack(grams_b))
-    good = (lam_a[:, 0] > 0) & (lam_b[:, 0] > 0) & (cond_a <= _GRAM_MAX_COND) & (cond_b <= _GRAM_MAX_COND)
-    # Aᵀ D_A... with Ã = D_A A = R̃_Aᵀ Q_Aᵀ and B̃ = B D_B = Q_B R̃_B, R̃ = Λ^½ Vᵀ:
-    # B A = Q_B [R̃_B D_B⁻¹ D_A⁻¹ R̃_Aᵀ] Q_Aᵀ, an r×r core whose SVD U Σ Wᵀ gives B' = B·(D_B Ṽ_B Λ_B^-½ U Σ^½) and
-    # A' = (Σ^½ Wᵀ Λ_A^-½ Ṽ_Aᵀ D_A)·A.
-    root_a, root_b = lam_a.clamp_min(0).sqrt(), lam_b.clamp_min(0).sqrt()
-    between = (1.0 / (d_a * d_b)).unsqueeze(-1)
-    core = root_b.unsqueeze(-1) * (v_b.mT @ (between * v_a)) * root_a.unsqueeze(-2)
+    # one pass over each factor, copied to float64 (float32 Gram products lose ~eps32·cond²) into a reused buffer
+    # (2× faster here than a fresh float64 tensor per factor), and XᵀX through NumPy, whose matmul calls BLAS syrk
+    # for a product with its own transpose: half the flops of torch's gemm (7B, r=64: 0.54 s of CPU instead of 0.88)
+    buffer = torch.empty(max(max(p.A.numel(), p.B.numel()) for p in pairs), dtype=torch.float64)
+    for pair in pairs:
+        a64 = buffer[: pair.A.numel()].view(pair.A.shape).copy_(pair.A).numpy()
+        grams_a.append(torch.from_numpy(a64 @ a64.T))
+        b64 = buffer[: pair.B.numel()].view(pair.B.shape).copy_(pair.B).numpy()
+        grams_b.append(torch.from_numpy(b64.T @ b64))
+    d_a, r_a, cond_a = _equilibrated_r_factor(torch.stack(grams_a))
+    d_b, r_b, cond_b = _equilibrated_r_factor(torch.stack(grams_b))
+    good = (cond_a <= _GRAM_MAX_COND) & (cond_b <= _GRAM_MAX_COND)
     out: list[_Factored] = []
     if bool(good.any()):
-        u, s, wh = torch.linalg.svd(core[good])
-        half = s.sqrt()
-        map_b = (d_b[good].unsqueeze(-1) * v_b[good]) @ (u / root_b[good].unsqueeze(-1) * half.unsqueeze(-2))
-        map_a = (half.unsqueeze(-1) * wh / root_a[good].unsqueeze(-2)) @ (v_a[good].mT * d_a[good].unsqueeze(-2))
+        # Ã = D_A A = R̃_Aᵀ Q_Aᵀ and B̃ = B D_B = Q_B R̃_B, so B A = Q_B [R̃_B D_B⁻¹ D_A⁻¹ R̃_Aᵀ] Q_Aᵀ: the SVD U Σ Wᵀ of
+        # that r×r core gives B' = B·(D_B R̃_B⁻¹ U Σ^½) and A' = (Σ^½ Wᵀ R̃_A⁻ᵀ D_A)·A
+        ra, rb, da, db = r_a[good], r_b[good], d_a[good], d_b[good]
+        core = rb @ ((1.0 / (db * da)).unsqueeze(-1) * ra.mT)
+        u, s, wh = torch.linalg.svd(core)
+        half = s.sqrt().unsqueeze(-2)
+        map_b = db.unsqueeze(-1) * torch.linalg.solve_triangular(rb, u * half, upper=True)
+        map_a = (da.unsqueeze(-1) * torch.linalg.solve_triangular(ra, wh.mT * half, upper=True)).mT
         fast_a = (cond_a[good] <= _FLOAT32_PRODUCT_MAX_COND).tolist()
         fast_b = (cond_b[good] <= _FLOAT32_PRODUCT_MAX_COND).tolist()
     g = 0
@@ -472,7 +479,9 @@ def shrink(
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not force:
         raise FileExistsError(f"{out}: exists; choose another folder or replace it (force)")
-    adapter = read_adapter(source, adapter_name=adapter_name, config=config, alpha=alpha)
+    with warnings.catch_warnings():  # without config or alpha, _check_shrinkable refuses a PEFT file: say it once
+        warnings.filterwarnings("ignore", message=".*no adapter config or alpha given")
+        adapter = read_adapter(source, adapter_name=adapter_name, config=config, alpha=alpha)
     _check_shrinkable(adapter, alpha)
     pairs = adapter.pairs
     chunks = _groups(pairs)
