@@ -265,6 +265,8 @@ def read_adapter(
     elif isinstance(config, (str, os.PathLike)):
         config_path = Path(config)
     settings = read_settings(config)
+    if settings is not None and alpha is not None:
+        warnings.warn(f"alpha={alpha:g} ignored: {config_path or 'the given config'} sets the scaling", stacklevel=2)
     tensors = load_tensors(file)
     fmt = "kohya" if any(_KOHYA_KEY.match(k) for k in tensors) else "peft"
     in_file_name = None if in_subfolder else adapter_name

@@ -368,6 +368,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
+def _check_output_files(args: argparse.Namespace) -> None:
+    """Fail before any work when a --json/--csv/--plot file cannot be written (its folder is missing)."""
+    for option in ("json", "csv", "plot"):
+        path = getattr(args, option, None)
+        if path is not None and not Path(path).absolute().parent.is_dir():
+            raise FileNotFoundError(2, "No such folder", str(Path(path).absolute().parent))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lora-fast`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     try:
@@ -376,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     warnings.showwarning = _show_warning
     try:
+        _check_output_files(args)
         return _analyze(args) if args.command == "analyze" else _shrink(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)

@@ -304,3 +304,9 @@ def test_overlapping_pattern_keys_take_ranks_from_the_weights(tmp_path: Path) ->
     with pytest.warns(UserWarning, match="several rank_pattern/alpha_pattern keys match 1 module"):
         records = analyze(tmp_path)
     assert_spectra_match(records, peft_deltas(model))
+
+
+def test_alpha_beside_a_config_is_ignored_with_a_warning(good: Path) -> None:
+    with pytest.warns(UserWarning, match="alpha=3 ignored"):
+        pairs = read_adapter(good, alpha=3).pairs
+    assert {p.scaling for p in pairs} == {24 / 8, 16 / 4}  # from the config (alpha_pattern query: 24, value r=4)

@@ -140,7 +140,9 @@ def test_bad_input_gives_one_line_and_status_2(adapter: Path, tmp_path: Path, ca
     (tmp_path / "exists").mkdir()
     assert_bad_input(capsys, ["shrink", adapter, "--out", tmp_path / "exists", "--rank", "2"], "exists")
     assert list((tmp_path / "exists").iterdir()) == []
-    assert_bad_input(capsys, ["analyze", adapter, "--json", tmp_path / "no" / "such" / "dir.json"], "No such file")
+    assert_bad_input(capsys, ["analyze", adapter, "--json", tmp_path / "no" / "such" / "dir.json"], "No such folder")
+    argv = ["shrink", adapter, "--out", out, "--rank", "2", "--json", tmp_path / "no" / "r.json"]
+    assert_bad_input(capsys, argv, f"{tmp_path / 'no'}: No such folder", out)  # refused before any work
 
 
 def test_dora_is_analysed_with_a_note_and_refused_by_shrink(tmp_path: Path, capsys) -> None:
