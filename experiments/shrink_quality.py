@@ -8,7 +8,8 @@ parameter budget of a quarter of its LoRA parameters; reload every shrunk adapte
 directly, with the same data, steps and learning rate. Uses public APIs only.
 
 Run: ``python experiments/shrink_quality.py`` (writes ``experiments/sample_results/shrink_quality/``: ``table.md``
-and ``results.json``). ``--seeds``, ``--steps``, ``--classes`` change the scale.
+and ``results.json``). ``--seeds``, ``--steps``, ``--classes`` change the scale; ``--keep DIR`` keeps the adapters
+(``DIR/seed0-r32`` is a trained PEFT-format adapter to try ``lora-fast`` on).
 """
 
 from __future__ import annotations
@@ -140,15 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-size", type=int, default=4000)
     parser.add_argument("--eval-size", type=int, default=1600)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--keep", metavar="DIR", help="keep the trained and shrunk adapters in DIR (seed0-r32, …)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     train_set, eval_set = task(args.classes, args.train_size, args.eval_size)
     tok = tokenizer()
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="shrink-quality-") as work:
+    with tempfile.TemporaryDirectory(prefix="shrink-quality-") as temp:
+        work = Path(args.keep or temp)
+        work.mkdir(parents=True, exist_ok=True)
         for seed in range(args.seeds):
-            rows += run_seed(seed, args, train_set, eval_set, tok, Path(work))
+            rows += run_seed(seed, args, train_set, eval_set, tok, work)
     wall = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
