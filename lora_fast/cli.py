@@ -226,6 +226,10 @@ def _plot(rows: list[dict[str, Any]], path: str, threshold: float, title: str) -
     ax.set_xlabel("kind")
     ax.set_ylabel("layer")
     ax.set_title(f"energy rank / r at {threshold:g} of ‖ΔW‖²\n{title}", fontsize=9)
+    if grid.size <= 400:  # small enough to read the values themselves
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="w" if value < 0.6 else "k")
     fig.colorbar(image, ax=ax, label="energy rank / r")
     fig.tight_layout()
     target = Path(path)
