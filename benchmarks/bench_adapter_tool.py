@@ -95,6 +95,9 @@ def summary(request):
     for case in CASES:
         for op in ("analyze", "shrink"):
             ours = _RESULTS.get((case, op, "lora_fast"))
+            accuracy = _RESULTS.get((case, op, "lora_fast (accuracy)"))
+            if accuracy is not None:
+                lines.append(f"  {case:<15}{op:<9}lora_fast's own {accuracy['note']}")
             for provider, label in (("dense_svd", "PEFT's dense route"), ("peft_convert", "PEFT save_as_lora itself")):
                 other = _RESULTS.get((case, op, provider))
                 if ours is not None and other is not None:
@@ -201,9 +204,38 @@ def test_adapter_tool(benchmark, machine, folders, tmp_path, case, op, provider)
         note=note,
         **machine,
     )
+    if op == "shrink" and not is_7b and provider != "peft_convert":
+        error = truncation_error(folder, out, scaled=provider == "lora_fast")
+        benchmark.extra_info["max_delta_error"] = error
+        note = f"{note}; " if note else ""
+        note += f"max ‖ΔW' − float64 truncation‖/‖·‖ {error:.1e}"
     _RESULTS[case, op, provider] = {"seconds": seconds, "note": note}
     if provider == "lora_fast" and op == "shrink":
         benchmark.extra_info["relative_error"] = result.relative_error
+        if note:
+            _RESULTS[case, op, "lora_fast (accuracy)"] = {"seconds": seconds, "note": note}
+
+
+def truncation_error(source: Path, out: Path, scaled: bool) -> float:
+    """Largest relative Frobenius distance of a written ΔW' from the float64 Eckart–Young truncation of the source."""
+    from lora_fast.adapters import read_adapter
+
+    original = {p.name: p for p in read_adapter(source).pairs}
+    written = read_adapter(out).pairs if scaled else None
+    state = load_file(out / "adapter_model.safetensors")
+    worst = 0.0
+    for name, pair in original.items():
+        if scaled:
+            new = next(p for p in written if p.name == name)
+            delta = new.scaling * (new.B.double() @ new.A.double())
+        else:
+            key = f"base_model.model.{name}"
+            delta = state[f"{key}.lora_B.weight"].double() @ state[f"{key}.lora_A.weight"].double()
+        u, s, vh = torch.linalg.svd(pair.scaling * (pair.B.double() @ pair.A.double()), full_matrices=False)
+        j = int(torch.linalg.matrix_rank(delta, rtol=1e-5))
+        ref = (u[:, :j] * s[:j]) @ vh[:j]
+        worst = max(worst, float((delta - ref).norm() / ref.norm()))
+    return worst
 
 
 def peft_convert(folder: Path, out: Path, benchmark) -> float:
