@@ -16,11 +16,8 @@ Example::
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
-import warnings
+import sys
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +25,9 @@ from typing import Any
 
 import torch
 
-from lora_fast.injection import match_pattern
+from lora_fast.adapters import Adapter
+from lora_fast.adapters import LoraPair
+from lora_fast.adapters import find_pairs
 from lora_fast.ops.lowrank_svd import dense_svdvals
 from lora_fast.ops.lowrank_svd import lowrank_svdvals
 from lora_fast.ops.lowrank_svd import lowrank_svdvals_eager
@@ -244,6 +243,8 @@ class AdapterRecord:
         energy_rank: smallest j holding ``threshold`` of the energy.
         sigma: singular values of ΔW, descending, float32/float64 on the adapter's device.
         adapter: PEFT adapter name, if any.
+        dora: a DoRA layer: ``sigma`` is that of the low-rank direction update s·B·A; the magnitude vector that
+            rescales each column of W + s·B·A is not part of it.
     """
 
     name: str
@@ -255,6 +256,7 @@ class AdapterRecord:
     energy_rank: int
     sigma: torch.Tensor
     adapter: str | None = None
+    dora: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able view (sigma as a list of floats)."""
@@ -268,162 +270,83 @@ class AdapterRecord:
             "energy_rank": self.energy_rank,
             "sigma": self.sigma.detach().cpu().tolist(),
             "adapter": self.adapter,
+            "dora": self.dora,
         }
 
 
-_PEFT_PREFIX = "base_model.model."
-_GENERIC_KINDS = {"dense", "proj", "linear", "fc", "out", "output", "weight"}
-_LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-
-
-def _layer_and_kind(name: str) -> tuple[int | None, str]:
-    match = _LAYER_RE.search(name)
-    inner = name[match.end() :] if match and match.end() < len(name) else name
-    last = inner.rsplit(".", 1)[-1]
-    return (int(match.group(1)) if match else None), (inner if last in _GENERIC_KINDS else last)
-
-
-def _scaling_from_config(config: Mapping[str, Any], name: str, r: int) -> float:
-    alpha = match_pattern(config.get("alpha_pattern"), name, config.get("lora_alpha", r))
-    return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
-
-
-def _config_dict(config: Any) -> dict[str, Any] | None:
-    if config is None or isinstance(config, Mapping):
-        return None if config is None else dict(config)
-    if isinstance(config, (str, os.PathLike)):
-        with open(config) as f:
-            return json.load(f)
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    return vars(config)
-
-
-def _pairs_from_module(model: torch.nn.Module, adapter_name: str | None):
-    pairs = []
-    for name, module in model.named_modules():
-        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
-        if isinstance(lora_a, torch.Tensor) and isinstance(lora_b, torch.Tensor):  # lora_fast.LoraLinear
-            pairs.append((name, None, lora_a, lora_b, float(module.scaling)))
-        elif isinstance(lora_a, torch.nn.ModuleDict) and isinstance(lora_b, torch.nn.ModuleDict):  # PEFT LoraLayer
-            for adapter in lora_a:
-                if adapter_name is not None and adapter != adapter_name:
-                    continue
-                a = lora_a[adapter].weight
-                b = lora_b[adapter].weight
-                # conv adapters: A (r, in, kh, kw) and B (out, r, 1, 1) act as r×(in·kh·kw) and out×r
-                pairs.append((name, adapter, a.flatten(1), b.flatten(1), float(module.scaling[adapter])))
-        elif isinstance(lora_a, torch.nn.ParameterDict) and isinstance(
-            getattr(module, "lora_E", None), torch.nn.ParameterDict
-        ):
-            # PEFT AdaLoRA: ΔW = B (A ⊙ E) · scaling / (ranknum + 1e-5); pruned triplets have E = 0
-            for adapter in lora_a:
-                if adapter_name is None or adapter == adapter_name:
-                    scaling = float(module.scaling[adapter]) / (float(module.ranknum[adapter]) + 1e-5)
-                    pairs.append((name, adapter, lora_a[adapter] * module.lora_E[adapter], lora_b[adapter], scaling))
-        emb_a, emb_b = getattr(module, "lora_embedding_A", None), getattr(module, "lora_embedding_B", None)
-        if isinstance(emb_a, torch.nn.ParameterDict) and isinstance(emb_b, torch.nn.ParameterDict):
-            for adapter in emb_a:  # PEFT Embedding: ΔWᵀ = B A, same singular values
-                if adapter_name is None or adapter == adapter_name:
-                    pairs.append((name, adapter, emb_a[adapter], emb_b[adapter], float(module.scaling[adapter])))
-    return pairs
-
-
-_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
-
-
-def _pairs_from_state_dict(state: Mapping[str, torch.Tensor], config: dict[str, Any] | None, adapter_name):
-    found: dict[tuple[str, str | None], dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        stem = key[: -len(".weight")] if key.endswith(".weight") else key
-        match = _KEY_RE.match(stem)
-        if match is None:
-            continue
-        adapter = match["adapter"]
-        if adapter_name is not None and adapter not in (None, adapter_name):
-            continue
-        found.setdefault((match["module"], adapter), {})[match["ab"]] = tensor
-    if config is None and found:
-        warnings.warn(
-            "analyze: no adapter config given, so scaling = 1.0 (sigma of B@A); energy ranks are unaffected",
-            stacklevel=3,
-        )
-    pairs = []
-    for (module, adapter), ab in found.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"analyze: {module} has lora_{next(iter(ab))} but not its partner")
-        a, b = ab["A"].flatten(1), ab["B"].flatten(1)
-        name = module[len(_PEFT_PREFIX) :] if module.startswith(_PEFT_PREFIX) else module
-        scaling = 1.0 if config is None else _scaling_from_config(config, name, a.shape[0])
-        pairs.append((module, adapter, a, b, scaling))
-    return pairs
-
-
-def _load_saved_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    from safetensors.torch import load_file
-
-    path = os.fspath(path)
-    folder, file = (
-        (path, os.path.join(path, "adapter_model.safetensors"))
-        if os.path.isdir(path)
-        else (
-            os.path.dirname(path),
-            path,
-        )
-    )
-    if not os.path.exists(file):
-        raise ValueError(f"analyze: no adapter weights at {file}")
-    config_file = os.path.join(folder, "adapter_config.json")
-    config = None
-    if os.path.exists(config_file):
-        with open(config_file) as f:
-            config = json.load(f)
-    return load_file(file), config
-
-
 def analyze(
-    source: torch.nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    source: torch.nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike | Adapter,
     threshold: float = 0.95,
     *,
     config: Mapping[str, Any] | str | os.PathLike | Any | None = None,
     adapter_name: str | None = None,
+    alpha: float | None = None,
+    progress: bool = False,
 ) -> list[AdapterRecord]:
     """Spectra and energy ranks of every LoRA adapter in ``source``, from one batched call.
 
     Args:
         source: a PEFT model, a model with lora_fast adapters, a state dict (PEFT's saved keys
-            ``….lora_A.weight``, in-memory ``….lora_A.<adapter>.weight``, or lora_fast's ``….lora_A``), or a
-            saved PEFT adapter (directory with ``adapter_model.safetensors``, or that file).
+            ``….lora_A.weight``, in-memory ``….lora_A.<adapter>.weight``, or lora_fast's ``….lora_A``), a saved
+            adapter (PEFT folder, weights file or kohya file; see ``lora_fast.adapters``), or an ``Adapter`` read by
+            ``lora_fast.adapters.read_adapter``.
         threshold: energy fraction for ``energy_rank``.
         config: LoRA config (dict, ``LoraConfig`` or path to ``adapter_config.json``) giving ``lora_alpha``,
             ``use_rslora`` and ``alpha_pattern`` for state dicts; read from the adapter folder when present.
             Modules carry their own scaling and ignore it.
         adapter_name: only this PEFT adapter (default: all).
+        alpha: alpha for a state dict or weights file without config (scaling alpha / r).
+        progress: show a progress bar (stderr) when the work takes more than a second.
 
     Returns:
         One record per adapter, in model/state-dict order.
+
+    Raises:
+        ValueError: unreadable or inconsistent input (``lora_fast.adapters.AdapterError`` names file and key), a
+            threshold outside (0, 1], NaN or Inf in a factor (the module is named).
     """
     threshold = _check_threshold(threshold)
-    if isinstance(source, torch.nn.Module):
-        pairs = _pairs_from_module(source, adapter_name)
-    elif isinstance(source, Mapping):
-        pairs = _pairs_from_state_dict(source, _config_dict(config), adapter_name)
-    elif isinstance(source, (str, os.PathLike)):
-        state, saved_config = _load_saved_adapter(source)
-        pairs = _pairs_from_state_dict(state, _config_dict(config) or saved_config, adapter_name)
-    else:
-        raise ValueError(f"analyze: expected a model, a state dict or an adapter path, got {type(source).__name__}")
-    if not pairs:
-        raise ValueError("analyze: found no LoRA adapters (no lora_A/lora_B pairs)")
-    sigmas = singular_values([p[2] for p in pairs], [p[3] for p in pairs], [p[4] for p in pairs])
+    pairs = (
+        source.pairs
+        if isinstance(source, Adapter)
+        else find_pairs(source, config=config, adapter_name=adapter_name, alpha=alpha)
+    )
+    sigmas = _spectra(pairs, progress)
     ranks = energy_rank(sigmas, threshold)
     records = []
-    for (module, adapter, a, b, scaling), sigma, rank in zip(pairs, sigmas, ranks, strict=True):
-        name = module[len(_PEFT_PREFIX) :] if module.startswith(_PEFT_PREFIX) else module
-        layer, kind = _layer_and_kind(name)
+    for pair, sigma, rank in zip(pairs, sigmas, ranks, strict=True):
+        layer, kind = pair.layer_and_kind()
         records.append(
             AdapterRecord(
-                name, layer, kind, int(a.shape[0]), (int(b.shape[0]), int(a.shape[1])), scaling, rank, sigma, adapter
+                pair.name, layer, kind, pair.r, pair.shape, pair.scaling, rank, sigma, pair.adapter, pair.dora
             )
         )
     return records
+
+
+def _spectra(pairs: Sequence[LoraPair], progress: bool) -> list[torch.Tensor]:
+    """σ of every pair's ΔW: one batched call, or chunks of 32 under a progress bar (shown after 1 s)."""
+    chunks = [list(range(len(pairs)))]
+    bar = None
+    if progress and len(pairs) > 32:
+        from tqdm.auto import tqdm
+
+        chunks = [list(range(s, min(s + 32, len(pairs)))) for s in range(0, len(pairs), 32)]
+        bar = tqdm(total=len(pairs), desc="analyze", unit="module", delay=1.0, file=sys.stderr)
+    sigmas: list[torch.Tensor] = []
+    try:
+        for idx in chunks:
+            chunk = [pairs[i] for i in idx]
+            try:
+                sigmas += singular_values([p.A for p in chunk], [p.B for p in chunk], [p.scaling for p in chunk])
+            except ValueError:
+                for pair in chunk:  # name the module rather than its index in the batch
+                    if not (bool(torch.isfinite(pair.A).all()) and bool(torch.isfinite(pair.B).all())):
+                        raise ValueError(f"analyze: the adapter of {pair.name!r} contains NaN or Inf") from None
+                raise
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        if bar is not None:
+            bar.close()
+    return sigmas

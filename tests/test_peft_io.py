@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _adapter_cases import tiny_bert
 from torch import nn
 
 import lora_fast
@@ -144,3 +145,169 @@ def test_io_errors(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):
         lora_fast.load_adapter(nn.Linear(3, 3), tmp_path)
+
+
+# ---- atomic save and transactional load (bad-input rows 3.1–3.3, 3.8) -------------------------------------------
+
+
+def _saved_state(folder: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    return json.loads((folder / "adapter_config.json").read_text()), load_file(folder / "adapter_model.safetensors")
+
+
+def _assert_consistent(folder: Path, r: int) -> None:
+    config, state = _saved_state(folder)
+    assert config["r"] == r and {t.shape[0] for k, t in state.items() if "lora_A" in k} == {r}
+
+
+def test_failed_save_leaves_the_old_adapter_whole(tmp_path: Path, monkeypatch) -> None:
+    import lora_fast.peft_io as pio
+
+    folder = tmp_path / "ad"
+    lora_fast.save_adapter(lora_fast.inject(tiny_bert(), ["query"], r=8, alpha=16), folder)
+    (folder / "README.md").write_text("model card")
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pio, "save_file", no_space)
+    with pytest.raises(OSError, match="No space"):
+        lora_fast.save_adapter(lora_fast.inject(tiny_bert(), ["query"], r=4, alpha=32), folder)
+    _assert_consistent(folder, 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no temporary folder left beside it
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    monkeypatch.undo()
+    lora_fast.save_adapter(lora_fast.inject(tiny_bert(), ["query"], r=4, alpha=32), folder)
+    _assert_consistent(folder, 4)
+    assert (folder / "README.md").read_text() == "model card"  # other files of the folder are kept
+
+
+KILL_SCRIPT = """
+import sys, time, torch, transformers, lora_fast, lora_fast.peft_io as pio
+real = pio.save_file
+def slow(tensors, path, metadata=None):
+    open(path, "wb").write(b"partial")
+    print("writing", flush=True)
+    time.sleep(60)
+pio.save_file = slow
+config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, num_labels=3)
+model = lora_fast.inject(transformers.BertForSequenceClassification(config), ["query"], r=4, alpha=32)
+lora_fast.save_adapter(model, sys.argv[1])
+"""
+
+
+def test_kill_during_save_leaves_the_old_adapter_whole(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "ad"
+    lora_fast.save_adapter(lora_fast.inject(tiny_bert(), ["query"], r=8, alpha=16), folder)
+    child = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+    _assert_consistent(folder, 8)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    strays = [p.name for p in tmp_path.iterdir() if p.name != "ad"]
+    assert len(strays) == 1 and strays[0].startswith(".ad.lora-fast-tmp-")  # beside the folder, never in it
+    lora_fast.save_adapter(lora_fast.inject(tiny_bert(), ["query"], r=4, alpha=32), folder)
+    assert [p.name for p in tmp_path.iterdir()] == ["ad"]  # the next save removes the dead writer's folder
+    _assert_consistent(folder, 4)
+
+
+def test_unwritable_folder_fails_before_writing(tmp_path: Path, monkeypatch) -> None:
+    import lora_fast.peft_io as pio
+
+    folder = tmp_path / "ad"
+    lora_fast.save_adapter(lora_fast.inject(tiny_bert(), ["query"], r=8, alpha=16), folder)
+    real_access = os.access
+    # root ignores permission bits (row 3.3 used a root without CAP_DAC_OVERRIDE): ask os.access what it would say
+    monkeypatch.setattr(pio.os, "access", lambda path, mode: False if Path(path) == folder else real_access(path, mode))
+    with pytest.raises(PermissionError, match="not writable; nothing was written"):
+        lora_fast.save_adapter(lora_fast.inject(tiny_bert(), ["query"], r=4, alpha=32), folder)
+    _assert_consistent(folder, 8)
+    assert [p.name for p in tmp_path.iterdir()] == ["ad"]
+
+
+def test_weights_path_that_is_a_directory_is_replaced_whole(tmp_path: Path) -> None:
+    folder = tmp_path / "ad"
+    (folder / "adapter_model.safetensors").mkdir(parents=True)
+    model = lora_fast.inject(tiny_bert(), ["query"], r=4, alpha=8)
+    lora_fast.save_adapter(model, folder)
+    _assert_consistent(folder, 4)
+
+
+def test_config_without_target_modules_adapts_the_saved_modules(tmp_path: Path) -> None:
+    theirs = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    _randomise(theirs)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    expected = theirs(input_ids=ids).logits
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["target_modules"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    ours = lora_fast.load_adapter(tiny_bert(), tmp_path)
+    assert len([m for m in ours.modules() if isinstance(m, LoraLinear)]) == 6  # 3 layers × query, value
+    torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def _snapshot(model: nn.Module) -> tuple[list, dict]:
+    return [(n, type(m)) for n, m in model.named_modules()], {
+        n: (p.requires_grad, p.clone()) for n, p in model.named_parameters()
+    }
+
+
+@pytest.mark.parametrize("damage", ["hidden size", "truncated weights", "bad alpha", "stray key"])
+def test_failed_load_leaves_the_model_as_it_was(tmp_path: Path, damage: str) -> None:
+    source = lora_fast.inject(tiny_bert(), ["query", "value"], r=4, alpha=8, modules_to_save=["classifier"])
+    _randomise(source)
+    lora_fast.save_adapter(source, tmp_path)
+    model = tiny_bert(seed=3)
+    if damage == "hidden size":
+        model = transformers.BertForSequenceClassification(
+            transformers.BertConfig(
+                vocab_size=100,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                num_labels=3,
+            )
+        )
+    elif damage == "truncated weights":
+        weights = tmp_path / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:200])
+    elif damage == "bad alpha":
+        config = json.loads((tmp_path / "adapter_config.json").read_text())
+        config["lora_alpha"] = "sixteen"
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    else:
+        from safetensors.torch import load_file
+        from safetensors.torch import save_file
+
+        state = load_file(tmp_path / "adapter_model.safetensors")
+        state["base_model.model.bert.pooler.dense.lora_A.weight"] = torch.zeros(4, 32)
+        save_file(state, tmp_path / "adapter_model.safetensors")
+    before_modules, before_params = _snapshot(model)
+    with pytest.raises(ValueError) as info:
+        lora_fast.load_adapter(model, tmp_path)
+    assert str(tmp_path) in str(info.value)
+    after_modules, after_params = _snapshot(model)
+    assert after_modules == before_modules
+    for name, (grad, value) in before_params.items():
+        assert after_params[name][0] == grad and torch.equal(after_params[name][1], value), name
+
+
+def test_saved_config_with_unmatched_pattern_keys_still_loads(tmp_path: Path) -> None:
+    theirs = peft.get_peft_model(
+        tiny_bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"], rank_pattern={"valu": 2})
+    )
+    _randomise(theirs)
+    theirs.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"rank_pattern keys \['valu'\] match none"):
+        lora_fast.load_adapter(tiny_bert(), tmp_path)
