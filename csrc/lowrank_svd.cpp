@@ -1,359 +1,833 @@
 // Singular values of many LoRA updates s * B @ A (B: m x r, A: r x n) in one call, without forming m x n.
 //
-// Per adapter: R factors of B and of A^T from Cholesky-QR on Gram matrices accumulated in float64 (one pass over
-// each factor), then the singular values of the r x r core R_B R_A^T by one-sided Jacobi. An ill-conditioned or
-// rank-deficient factor (Gram matrix not safely positive definite) is re-factored with Householder QR, which is
-// backward stable. Adapters are processed in parallel. Shapes with r >= min(m, n) are refused: the Python caller
-// sends them to the dense route (lora_fast/ops/lowrank_svd.py holds the one cost model).
+// Per adapter: the Gram matrices A A^T and B^T B in float64 (one pass over each factor; float32 and half inputs
+// are widened first, so every product is exact and only the sums round), their Cholesky factors as the R factors
+// of the QR of A^T and B, and the singular values of the r x r core R_A R_B^T by one-sided Jacobi. A factor whose
+// diag(R) spreads more than the caller's ratio (Cholesky-QR loses accuracy like eps * ratio^2) is re-factored by
+// Householder QR, which is backward stable. Inputs beyond 2^+-300 are rescaled by powers of two (exact), and NaN or
+// Inf is reported, not propagated.
+//
+// The Gram products bound the run time (about 0.6 GFLOP of FMAs for a 7B model's 224 adapters at r=16), so they
+// are register-tiled kernels on GCC/Clang vector types, compiled three times (x86-64-v4 = AVX-512, x86-64-v3 =
+// AVX2, baseline) with the tile shapes of each register file; the best the CPU supports is picked at the first
+// call. Everything else is plain C++. Adapters are spread over std::thread workers: no OpenMP runtime is loaded
+// beside torch's.
 #include "lowrank_svd.h"
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <condition_variable>
+#include <cstring>
 #include <limits>
-#include <string>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <system_error>
+#include <thread>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(LF_NO_MULTIVERSION)
-// One binary for any x86-64 machine, with an AVX2+FMA clone picked at load time (about 2x on the Gram loops).
-#define LF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LF_MULTIVERSION
+#define LF_INLINE inline __attribute__((always_inline))
+
+#if defined(__x86_64__) && defined(LF_HAVE_TARGET_ARCH)
+#define LF_X86_CLONES 1
 #endif
 
-// torch's CPU library exports LAPACK's dgesdd (MKL or OpenBLAS). Declared weak so that a torch build without it
-// still loads, and the Jacobi SVD below is used instead.
-extern "C" void dgesdd_(const char* jobz, const int* m, const int* n, double* a, const int* lda, double* s, double* u,
-                        const int* ldu, double* vt, const int* ldvt, double* work, const int* lwork, int* iwork,
-                        int* info) __attribute__((weak));
-
-namespace lora_fast {
 namespace {
 
-// Copies `rows` rows of length `len` (source row stride `src_stride`) into a float64 buffer with row stride
-// `dst_stride` >= len (the padding is left as it is). Returns the largest magnitude, or NaN when any element is
-// NaN or infinite.
-template <typename T>
-LF_MULTIVERSION double gather_rows(const T* src, int64_t rows, int64_t len, int64_t src_stride, int64_t dst_stride,
-                                   double* dst) {
-  double maxabs = 0.0;
-  double poison = 0.0;  // x * 0 is NaN exactly when x is NaN or +-inf
-  for (int64_t v = 0; v < rows; ++v) {
-    const T* in = src + v * src_stride;
-    double* out = dst + v * dst_stride;
-#pragma omp simd reduction(max : maxabs) reduction(+ : poison)
-    for (int64_t i = 0; i < len; ++i) {
-      const double x = static_cast<double>(in[i]);
-      out[i] = x;
-      maxabs = std::max(maxabs, std::abs(x));
-      poison += x * 0.0;
-    }
-  }
-  return std::isnan(poison) ? std::numeric_limits<double>::quiet_NaN() : maxabs;
-}
+// ---------------------------------------------------------------------------------------------------------------
+// Element types and exact widening
 
-// G = X X^T for X (rows x len) row-major, lower and upper triangle filled. 2x2 register tiles halve the loads.
-LF_MULTIVERSION void gram(const double* x, int64_t rows, int64_t len, double* g) {
-  int64_t i = 0;
-  for (; i + 1 < rows; i += 2) {
-    const double* x0 = x + i * len;
-    const double* x1 = x0 + len;
-    int64_t j = i;
-    for (; j + 1 < rows; j += 2) {
-      const double* y0 = x + j * len;
-      const double* y1 = y0 + len;
-      double s00 = 0, s01 = 0, s10 = 0, s11 = 0;
-#pragma omp simd reduction(+ : s00, s01, s10, s11)
-      for (int64_t t = 0; t < len; ++t) {
-        s00 += x0[t] * y0[t];
-        s01 += x0[t] * y1[t];
-        s10 += x1[t] * y0[t];
-        s11 += x1[t] * y1[t];
-      }
-      g[i * rows + j] = g[j * rows + i] = s00;
-      g[i * rows + j + 1] = g[(j + 1) * rows + i] = s01;
-      g[(i + 1) * rows + j] = g[j * rows + i + 1] = s10;
-      g[(i + 1) * rows + j + 1] = g[(j + 1) * rows + i + 1] = s11;
-    }
-    if (j < rows) {
-      const double* y0 = x + j * len;
-      double s00 = 0, s10 = 0;
-#pragma omp simd reduction(+ : s00, s10)
-      for (int64_t t = 0; t < len; ++t) {
-        s00 += x0[t] * y0[t];
-        s10 += x1[t] * y0[t];
-      }
-      g[i * rows + j] = g[j * rows + i] = s00;
-      g[(i + 1) * rows + j] = g[j * rows + i + 1] = s10;
-    }
-  }
-  if (i < rows) {
-    const double* x0 = x + i * len;
-    double s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t t = 0; t < len; ++t) s += x0[t] * x0[t];
-    g[i * rows + i] = s;
-  }
-}
-
-// G = X^T X for X (len x cols) row-major with cols a multiple of 8 (zero padded): the Gram matrix of the columns,
-// read row by row, so a row-major B needs no transpose. 4x8 register tiles: 8 FMAs per loaded row segment.
-LF_MULTIVERSION void gram_of_columns(const double* x, int64_t len, int64_t cols, double* g) {
-  for (int64_t j0 = 0; j0 < cols; j0 += 4) {
-    for (int64_t k0 = j0 / 8 * 8; k0 < cols; k0 += 8) {
-      double acc[4][8] = {};
-      for (int64_t t = 0; t < len; ++t) {
-        const double* row = x + t * cols;
-        for (int jj = 0; jj < 4; ++jj) {
-          const double xj = row[j0 + jj];
-#pragma omp simd
-          for (int kk = 0; kk < 8; ++kk) acc[jj][kk] += xj * row[k0 + kk];
-        }
-      }
-      for (int jj = 0; jj < 4; ++jj)
-        for (int kk = 0; kk < 8; ++kk) g[(j0 + jj) * cols + k0 + kk] = g[(k0 + kk) * cols + j0 + jj] = acc[jj][kk];
-    }
-  }
-}
-
-// In-place Cholesky G = L L^T; writes R = L^T (upper) into r_out. Returns false when a pivot is not safely
-// positive or diag(R) spans more than `max_ratio` (Cholesky-QR then loses accuracy quadratically).
-bool cholesky_r(double* g, int64_t n, double max_ratio, double* r_out) {
-  double dmax = 0.0, dmin = std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    double d = g[j * n + j];
-    for (int64_t k = 0; k < j; ++k) d -= g[j * n + k] * g[j * n + k];
-    if (!(d > 0.0)) return false;
-    const double ljj = std::sqrt(d);
-    g[j * n + j] = ljj;
-    dmax = std::max(dmax, ljj);
-    dmin = std::min(dmin, ljj);
-    for (int64_t i = j + 1; i < n; ++i) {
-      double s = g[i * n + j];
-      for (int64_t k = 0; k < j; ++k) s -= g[i * n + k] * g[j * n + k];
-      g[i * n + j] = s / ljj;
-    }
-  }
-  if (dmax > max_ratio * dmin) return false;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) r_out[i * n + j] = j >= i ? g[j * n + i] : 0.0;
-  return true;
-}
-
-// Householder QR of the len x rows matrix whose columns are the rows of x (destroyed); writes the rows x rows R.
-LF_MULTIVERSION void householder_r(double* x, int64_t rows, int64_t len, double* r_out) {
-  std::fill(r_out, r_out + rows * rows, 0.0);
-  for (int64_t j = 0; j < rows; ++j) {
-    double* v = x + j * len;  // column j; entries j..len-1 are active
-    double norm2 = 0;
-#pragma omp simd reduction(+ : norm2)
-    for (int64_t t = j; t < len; ++t) norm2 += v[t] * v[t];
-    const double norm = std::sqrt(norm2);
-    if (norm == 0.0) continue;  // zero column: R(j, j) = 0, nothing to reflect
-    const double alpha = v[j] >= 0 ? -norm : norm;  // the sign that avoids cancellation in v_j - alpha
-    const double vj_old = v[j];
-    v[j] -= alpha;  // v is now the Householder vector
-    const double vnorm2 = norm2 - vj_old * vj_old + v[j] * v[j];
-    r_out[j * rows + j] = alpha;
-    for (int64_t k = j + 1; k < rows; ++k) {
-      double* c = x + k * len;
-      double dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t t = j; t < len; ++t) dot += v[t] * c[t];
-      const double f = 2.0 * dot / vnorm2;
-#pragma omp simd
-      for (int64_t t = j; t < len; ++t) c[t] -= f * v[t];
-      r_out[j * rows + k] = c[j];
-    }
-  }
-}
-
-// Singular values of the n x n matrix whose columns are the rows of c (destroyed), by one-sided Jacobi
-// (Hestenes). High relative accuracy; converges in ~6-10 sweeps at n <= 64. Writes n values, descending.
-LF_MULTIVERSION void jacobi_svdvals(double* c, int64_t n, double* sigma) {
-  auto column_norm2 = [c, n](int64_t p) {
-    double s = 0;
-    for (int64_t t = 0; t < n; ++t) s += c[p * n + t] * c[p * n + t];
-    return s;
-  };
-  std::vector<double> norm2(n);
-  for (int64_t p = 0; p < n; ++p) norm2[p] = column_norm2(p);
-  constexpr double tol = 4 * std::numeric_limits<double>::epsilon();
-  for (int sweep = 0; sweep < 60; ++sweep) {
-    bool rotated = false;
-    for (int64_t p = 0; p + 1 < n; ++p) {
-      for (int64_t q = p + 1; q < n; ++q) {
-        double* cp = c + p * n;
-        double* cq = c + q * n;
-        double gamma = 0;
-#pragma omp simd reduction(+ : gamma)
-        for (int64_t t = 0; t < n; ++t) gamma += cp[t] * cq[t];
-        const double alpha = norm2[p], beta = norm2[q];
-        if (std::abs(gamma) <= tol * std::sqrt(alpha * beta) || gamma == 0.0) continue;
-        rotated = true;
-        const double zeta = (beta - alpha) / (2.0 * gamma);
-        const double t = std::copysign(1.0, zeta) / (std::abs(zeta) + std::sqrt(1.0 + zeta * zeta));
-        const double cs = 1.0 / std::sqrt(1.0 + t * t), sn = cs * t;
-#pragma omp simd
-        for (int64_t k = 0; k < n; ++k) {
-          const double a = cp[k], b = cq[k];
-          cp[k] = cs * a - sn * b;
-          cq[k] = sn * a + cs * b;
-        }
-        norm2[p] = alpha - t * gamma;
-        norm2[q] = beta + t * gamma;
-      }
-    }
-    if (!rotated) break;
-    // Refresh the running norms once per sweep so rounding in the updates cannot accumulate.
-    for (int64_t p = 0; p < n; ++p) norm2[p] = column_norm2(p);
-  }
-  for (int64_t p = 0; p < n; ++p) sigma[p] = std::sqrt(column_norm2(p));
-  std::sort(sigma, sigma + n, std::greater<double>());
-}
-
-// Singular values (descending) of the n x n row-major matrix c, destroyed. LAPACK's divide and conquer without
-// vectors when available: 4.5 us for n=16 where our Jacobi takes ~25 us.
-void core_svdvals(double* c, int64_t n, double* sigma) {
-  if (dgesdd_ != nullptr) {
-    const int nn = static_cast<int>(n);
-    int info = 0, lwork = -1, one = 1;
-    double query = 0, dummy = 0;
-    std::vector<int> iwork(8 * n);
-    dgesdd_("N", &nn, &nn, c, &nn, sigma, &dummy, &one, &dummy, &one, &query, &lwork, iwork.data(), &info);
-    lwork = static_cast<int>(query);
-    std::vector<double> work(std::max(lwork, 1)), a(c, c + n * n);  // LAPACK destroys its input: keep c
-    dgesdd_("N", &nn, &nn, a.data(), &nn, sigma, &dummy, &one, &dummy, &one, work.data(), &lwork, iwork.data(),
-            &info);
-    if (info == 0) return;  // info > 0: no convergence (never seen); Jacobi below is slower but always converges
-  }
-  jacobi_svdvals(c, n, sigma);
-}
-
-// Power of two that brings `maxabs` near 1, so Gram entries neither overflow nor underflow.
-double rescale_factor(double maxabs) {
-  if (maxabs == 0.0 || (maxabs > 0x1p-200 && maxabs < 0x1p200)) return 1.0;
-  int e;
-  std::frexp(maxabs, &e);
-  return std::ldexp(1.0, -e);
-}
-
-// Largest diag(R) ratio for which Cholesky-QR is kept: its sigma error grows like eps * ratio^2, so 1e3 keeps
-// float64 within ~1e-10 of sigma_max; float32 inputs only need 1e-5 and are exact in float64, so 1e5 is safe.
-double max_cholesky_ratio(at::ScalarType dtype) { return dtype == at::kDouble ? 1e3 : 1e5; }
-
-struct Item {
-  int64_t entry;
-  int64_t index;  // position in the entry's batch
+struct bf16 {
+  uint16_t bits;
+};
+struct f16 {
+  uint16_t bits;
 };
 
-template <typename T>
-void lowrank_core_svdvals(const T* a, const T* b, int64_t r, int64_t m, int64_t n, double scaling,
-                          double max_ratio, double* sigma, bool* bad_input) {
-  // A is read as r rows of length n (A A^T by row dot products); B as m rows padded to a multiple of 8 columns
-  // (B^T B by 4x8 tiles of column products): both contiguous, so neither needs a transpose.
-  const int64_t rp = (r + 7) / 8 * 8;
-  std::vector<double> xa(r * n), xb(m * rp, 0.0), ga(r * r), gb(rp * rp), ra(r * r), rb(r * r), core(r * r);
-  const double max_a = gather_rows(a, r, n, n, n, xa.data());
-  const double max_b = gather_rows(b, m, r, r, rp, xb.data());
-  if (std::isnan(max_a) || std::isnan(max_b)) {
-    *bad_input = true;
-    return;
-  }
-  if (max_a == 0.0 || max_b == 0.0) {
-    std::fill(sigma, sigma + r, 0.0);
-    return;
-  }
-  const double fa = rescale_factor(max_a), fb = rescale_factor(max_b);
-  if (fa != 1.0) std::for_each(xa.begin(), xa.end(), [fa](double& v) { v *= fa; });
-  if (fb != 1.0) std::for_each(xb.begin(), xb.end(), [fb](double& v) { v *= fb; });
-
-  gram(xa.data(), r, n, ga.data());
-  if (!cholesky_r(ga.data(), r, max_ratio, ra.data())) householder_r(xa.data(), r, n, ra.data());
-  gram_of_columns(xb.data(), m, rp, gb.data());
-  for (int64_t i = 0; i < r; ++i) std::copy(gb.data() + i * rp, gb.data() + i * rp + r, gb.data() + i * r);
-  if (!cholesky_r(gb.data(), r, max_ratio, rb.data())) {
-    std::vector<double> columns(r * m);  // Householder wants B's columns contiguous
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < r; ++j) columns[j * m + i] = xb[i * rp + j];
-    householder_r(columns.data(), r, m, rb.data());
-  }
-  // core^T = R_A R_B^T (same singular values as the core R_B R_A^T); both factors are upper triangular.
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < r; ++j) {
-      double s = 0;
-      for (int64_t k = std::max(i, j); k < r; ++k) s += ra[i * r + k] * rb[j * r + k];
-      core[i * r + j] = s;
-    }
-  core_svdvals(core.data(), r, sigma);
-  const double unscale = std::abs(scaling) / (fa * fb);
-  for (int64_t i = 0; i < r; ++i) sigma[i] *= unscale;
+LF_INLINE double widen(float x) { return x; }
+LF_INLINE double widen(double x) { return x; }
+LF_INLINE double widen(bf16 x) {
+  const uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
+LF_INLINE double widen(f16 x) {
+  const uint32_t h = x.bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in float
+    const float f = float(mant) * 0x1p-24f;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-ISA tile shapes. W: doubles per vector register. Rows kernel (A A^T, dot products along a row): TI x TJ
+// accumulators plus TI + TJ loaded vectors must fit the register file. Columns kernel (B^T B, rank-1 updates of a
+// row of B): NI row blocks x 8 columns of accumulators plus NI loaded vectors.
+
+template <int W_, int TI_, int TJ_, int NI_>
+struct Isa {
+  static constexpr int W = W_, TI = TI_, TJ = TJ_, NI = NI_;
+};
+using IsaV4 = Isa<8, 4, 4, 3>;    // 32 zmm: 16 + 8 (rows), 24 + 3 (columns)
+using IsaV3 = Isa<4, 2, 4, 1>;    // 16 ymm: 8 + 6, 8 + 1
+using IsaBase = Isa<2, 2, 4, 1>;  // 16 xmm
+
+template <int W>
+struct VecOf;
+template <>
+struct VecOf<8> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<4> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<2> {
+  typedef double type __attribute__((vector_size(16)));
+};
+
+template <class V>
+LF_INLINE V vload(const double* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <class V>
+LF_INLINE void vstore(double* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+template <class V, int W>
+LF_INLINE double hsum(V v) {
+  double s = 0;
+  for (int k = 0; k < W; ++k) s += v[k];
+  return s;
+}
+
+constexpr int64_t round_up(int64_t x, int64_t k) { return (x + k - 1) / k * k; }
+
+// Chunk lengths: a chunk of the widened factor stays in L2 (1-2 MB per core on current CPUs) while every tile
+// passes over it. Measured on Zen 4, 7B shapes: 32-64 KB chunks within 3% of each other.
+constexpr int64_t kChunkDoubles = 8192;  // 64 KB
+
+// ---------------------------------------------------------------------------------------------------------------
+// Gram kernels
+
+// Widens rows [0, r) x columns [t0, t0 + len) of a row-major factor into buf (rows4 x T, zero padded).
+template <class T>
+LF_INLINE void widen_rows(const T* x, int64_t r, int64_t ld, int64_t t0, int64_t len, int64_t T_, double* buf) {
+  for (int64_t i = 0; i < r; ++i) {
+    const T* src = x + i * ld + t0;
+    double* dst = buf + i * T_;
+    for (int64_t t = 0; t < len; ++t) dst[t] = widen(src[t]);
+    for (int64_t t = len; t < T_; ++t) dst[t] = 0.0;
+  }
+}
+
+// G = X X^T for X (r x n, row stride ld): the Gram matrix of A's rows. Upper triangle into g (r x r, stride gs).
+template <class I, class T>
+LF_INLINE void gram_rows(const T* x, int64_t r, int64_t n, int64_t ld, double* buf, double* acc, double* g,
+                         int64_t gs) {
+  typedef typename VecOf<I::W>::type V;
+  constexpr int TI = I::TI, TJ = I::TJ, W = I::W;
+  const int64_t rows4 = round_up(r, 4);
+  const int64_t T_ = std::max<int64_t>(8, std::min(round_up(n, 8), kChunkDoubles / rows4 / 8 * 8));
+  for (int64_t i = r; i < rows4; ++i) std::memset(buf + i * T_, 0, sizeof(double) * T_);
+  int64_t tiles = 0;
+  for (int64_t i0 = 0; i0 < rows4; i0 += TI)
+    for (int64_t j0 = i0 / TJ * TJ; j0 < rows4; j0 += TJ) ++tiles;
+  std::memset(acc, 0, sizeof(double) * tiles * TI * TJ * W);
+  for (int64_t t0 = 0; t0 < n; t0 += T_) {
+    const int64_t len = std::min(T_, n - t0);
+    widen_rows(x, r, ld, t0, len, T_, buf);
+    double* tile_acc = acc;
+    for (int64_t i0 = 0; i0 < rows4; i0 += TI) {
+      for (int64_t j0 = i0 / TJ * TJ; j0 < rows4; j0 += TJ, tile_acc += TI * TJ * W) {
+        V s[TI][TJ];
+        for (int ii = 0; ii < TI; ++ii)
+          for (int jj = 0; jj < TJ; ++jj) s[ii][jj] = vload<V>(tile_acc + (ii * TJ + jj) * W);
+        const double* xi = buf + i0 * T_;
+        const double* xj = buf + j0 * T_;
+        for (int64_t t = 0; t < T_; t += W) {
+          V u[TI], v[TJ];
+          for (int ii = 0; ii < TI; ++ii) u[ii] = vload<V>(xi + ii * T_ + t);
+          for (int jj = 0; jj < TJ; ++jj) v[jj] = vload<V>(xj + jj * T_ + t);
+          for (int ii = 0; ii < TI; ++ii)
+            for (int jj = 0; jj < TJ; ++jj) s[ii][jj] += u[ii] * v[jj];
+        }
+        for (int ii = 0; ii < TI; ++ii)
+          for (int jj = 0; jj < TJ; ++jj) vstore<V>(tile_acc + (ii * TJ + jj) * W, s[ii][jj]);
+      }
+    }
+  }
+  const double* tile_acc = acc;
+  for (int64_t i0 = 0; i0 < rows4; i0 += TI)
+    for (int64_t j0 = i0 / TJ * TJ; j0 < rows4; j0 += TJ, tile_acc += TI * TJ * W)
+      for (int ii = 0; ii < TI; ++ii)
+        for (int jj = 0; jj < TJ; ++jj) {
+          const int64_t i = i0 + ii, j = j0 + jj;
+          if (i <= j && j < r) g[i * gs + j] = hsum<V, W>(vload<V>(tile_acc + (ii * TJ + jj) * W));
+        }
+}
+
+// Accumulators of gram_cols for columns block jb (8 columns), row blocks [i0, i0 + NI) of W rows.
+template <class V, int W, int NI>
+LF_INLINE void cols_tile(const double* buf, int64_t rows, int64_t rp, int64_t jb, int64_t i0, double* acc) {
+  V s[NI][8];
+  for (int ii = 0; ii < NI; ++ii)
+    for (int jj = 0; jj < 8; ++jj) s[ii][jj] = vload<V>(acc + (ii * 8 + jj) * W);
+  for (int64_t t = 0; t < rows; ++t) {
+    const double* row = buf + t * rp;
+    V u[NI];
+    for (int ii = 0; ii < NI; ++ii) u[ii] = vload<V>(row + (i0 + ii) * W);
+    for (int jj = 0; jj < 8; ++jj) {
+      const double b = row[jb * 8 + jj];
+      for (int ii = 0; ii < NI; ++ii) s[ii][jj] += u[ii] * b;
+    }
+  }
+  for (int ii = 0; ii < NI; ++ii)
+    for (int jj = 0; jj < 8; ++jj) vstore<V>(acc + (ii * 8 + jj) * W, s[ii][jj]);
+}
+
+// G = X^T X for X (m x r, row stride ld): the Gram matrix of B's columns, by rank-1 updates of each row (B is
+// read as stored; no transpose). Upper triangle into g (r x r, stride gs).
+template <class I, class T>
+LF_INLINE void gram_cols(const T* x, int64_t m, int64_t r, int64_t ld, double* buf, double* acc, double* g,
+                         int64_t gs) {
+  typedef typename VecOf<I::W>::type V;
+  constexpr int W = I::W, NI = I::NI;
+  const int64_t rp = round_up(r, 8), nb = rp / 8;
+  const int64_t T_ = std::max<int64_t>(1, std::min(m, kChunkDoubles / rp));
+  const int64_t acc_doubles = 64 * nb * (nb + 1) / 2;  // column block jb holds (8 jb + 8) rows x 8 columns
+  std::memset(acc, 0, sizeof(double) * acc_doubles);
+  for (int64_t t0 = 0; t0 < m; t0 += T_) {
+    const int64_t rows = std::min(T_, m - t0);
+    for (int64_t t = 0; t < rows; ++t) {
+      const T* src = x + (t0 + t) * ld;
+      double* dst = buf + t * rp;
+      for (int64_t j = 0; j < r; ++j) dst[j] = widen(src[j]);
+      for (int64_t j = r; j < rp; ++j) dst[j] = 0.0;
+    }
+    double* block_acc = acc;
+    for (int64_t jb = 0; jb < nb; ++jb) {
+      const int64_t row_blocks = (jb * 8 + 8) / W;
+      int64_t i0 = 0;
+      for (; i0 + NI <= row_blocks; i0 += NI) cols_tile<V, W, NI>(buf, rows, rp, jb, i0, block_acc + i0 * 8 * W);
+      for (; i0 < row_blocks; ++i0) cols_tile<V, W, 1>(buf, rows, rp, jb, i0, block_acc + i0 * 8 * W);
+      block_acc += (jb * 8 + 8) * 8;
+    }
+  }
+  const double* block_acc = acc;
+  for (int64_t jb = 0; jb < nb; ++jb) {
+    for (int64_t i = 0; i < jb * 8 + 8; ++i)
+      for (int jj = 0; jj < 8; ++jj) {
+        const int64_t j = jb * 8 + jj;
+        if (i <= j && j < r) g[i * gs + j] = block_acc[(i / W * 8 + jj) * W + i % W];
+      }
+    block_acc += (jb * 8 + 8) * 8;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Small dense factorizations (r x r)
+
+template <class I>
+LF_INLINE double dot(const double* x, const double* y, int64_t len) {
+  typedef typename VecOf<I::W>::type V;
+  constexpr int W = I::W;
+  V s0 = {}, s1 = {};
+  int64_t t = 0;
+  for (; t + 2 * W <= len; t += 2 * W) {
+    s0 += vload<V>(x + t) * vload<V>(y + t);
+    s1 += vload<V>(x + t + W) * vload<V>(y + t + W);
+  }
+  for (; t + W <= len; t += W) s0 += vload<V>(x + t) * vload<V>(y + t);
+  double s = hsum<V, W>(s0 + s1);
+  for (; t < len; ++t) s += x[t] * y[t];
+  return s;
+}
+
+// Cholesky G = L L^T from the upper triangle of g (stride gs) into l (lower, row-major, stride ls, zeros above
+// the diagonal and in the padding). False when a pivot is not positive or diag(L) spans more than max_ratio.
+template <class I>
+LF_INLINE bool cholesky(const double* g, int64_t r, int64_t gs, double max_ratio, double* l, int64_t ls) {
+  for (int64_t i = 0; i < r; ++i) std::memset(l + i * ls, 0, sizeof(double) * ls);
+  double dmax = 0.0, dmin = std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < r; ++j) {
+    double* lj = l + j * ls;
+    const double d = g[j * gs + j] - dot<I>(lj, lj, j);
+    if (!(d > 0.0)) return false;
+    const double ljj = std::sqrt(d);
+    lj[j] = ljj;
+    dmax = std::max(dmax, ljj);
+    dmin = std::min(dmin, ljj);
+    const double inv = 1.0 / ljj;
+    for (int64_t i = j + 1; i < r; ++i) {
+      double* li = l + i * ls;
+      li[j] = (g[j * gs + i] - dot<I>(li, lj, j)) * inv;
+    }
+  }
+  return dmax <= max_ratio * dmin;
+}
+
+// Householder QR of the len x r matrix whose columns are the rows of x (r x len, destroyed): R^T into l (lower,
+// row-major, stride ls), the same layout cholesky() writes.
+template <class I>
+LF_INLINE void householder(double* x, int64_t r, int64_t len, double* l, int64_t ls) {
+  for (int64_t i = 0; i < r; ++i) std::memset(l + i * ls, 0, sizeof(double) * ls);
+  for (int64_t j = 0; j < r && j < len; ++j) {
+    double* v = x + j * len;  // column j; entries j..len-1 are active
+    const double norm2 = dot<I>(v + j, v + j, len - j);
+    const double norm = std::sqrt(norm2);
+    if (norm == 0.0) {  // nothing to reflect: R(j, j) = 0, and row j of R is what the columns hold at j
+      for (int64_t k = j + 1; k < r; ++k) l[k * ls + j] = x[k * len + j];
+      continue;
+    }
+    const double alpha = v[j] >= 0 ? -norm : norm;  // the sign that avoids cancellation in v_j - alpha
+    const double vj_old = v[j];
+    v[j] -= alpha;
+    const double vnorm2 = norm2 - vj_old * vj_old + v[j] * v[j];
+    l[j * ls + j] = alpha;
+    for (int64_t k = j + 1; k < r; ++k) {
+      double* c = x + k * len;
+      const double f = 2.0 * dot<I>(v + j, c + j, len - j) / vnorm2;
+      for (int64_t t = j; t < len; ++t) c[t] -= f * v[t];
+      l[k * ls + j] = c[j];
+    }
+  }
+}
+
+// Singular values (descending) of the r x r matrix whose columns are c[j * ld ...] (ld >= r, multiple of W,
+// zero padded), destroyed, by one-sided Jacobi (Hestenes) in round-robin order: the r/2 rotations of a round
+// touch disjoint columns, so their angles are computed together in vector registers, and a column's norm is
+// updated from the angle instead of recomputed. High relative accuracy; ~6-9 sweeps for r <= 64.
+template <class I>
+LF_INLINE void jacobi_svdvals(double* c, int64_t r, int64_t ld, double* work, int64_t* iwork, double* sigma) {
+  typedef typename VecOf<I::W>::type V;
+  constexpr int W = I::W;
+  constexpr double tol = 4 * std::numeric_limits<double>::epsilon();
+  const int64_t rr = r + (r & 1);  // an odd r gets a dummy column that sits out one pair per round
+  const int64_t half = rr / 2;
+  double* norm2 = work;
+  double* alpha = norm2 + rr;
+  double* beta = alpha + half;
+  double* gamma = beta + half;
+  double* cs = gamma + half;
+  double* sn = cs + half;
+  int64_t* pos = iwork;
+  int64_t* pp = pos + rr;
+  int64_t* qq = pp + half;
+  for (int64_t p = 0; p < r; ++p) norm2[p] = dot<I>(c + p * ld, c + p * ld, ld);
+  for (int sweep = 0; sweep < 60; ++sweep) {
+    for (int64_t k = 0; k < rr; ++k) pos[k] = k;
+    int64_t rotations = 0;
+    for (int64_t round = 0; round + 1 < rr; ++round) {
+      int64_t np = 0;
+      for (int64_t k = 0; k < half; ++k) {
+        const int64_t p = pos[k], q = pos[rr - 1 - k];
+        if (p >= r || q >= r) continue;
+        pp[np] = p;
+        qq[np] = q;
+        alpha[np] = norm2[p];
+        beta[np] = norm2[q];
+        gamma[np] = dot<I>(c + p * ld, c + q * ld, ld);
+        ++np;
+      }
+#pragma omp simd reduction(+ : rotations)
+      for (int64_t k = 0; k < np; ++k) {
+        const double a = alpha[k], b = beta[k], g = gamma[k];
+        const bool rotate = std::fabs(g) > tol * std::sqrt(a) * std::sqrt(b);
+        const double gs = rotate ? g : 1.0;
+        const double zeta = (b - a) / (2.0 * gs);
+        const double az = std::fabs(zeta);
+        // t = tan of the angle, the smaller root; 1/(2|zeta|) where zeta^2 would overflow
+        const double root = az > 1e150 ? az : std::sqrt(1.0 + zeta * zeta);
+        const double t = std::copysign(1.0, zeta) / (az + root);
+        const double cos_ = 1.0 / std::sqrt(1.0 + t * t);
+        cs[k] = rotate ? cos_ : 1.0;
+        sn[k] = rotate ? cos_ * t : 0.0;
+        alpha[k] = rotate ? std::max(a - t * g, 0.0) : a;
+        beta[k] = rotate ? b + t * g : b;
+        rotations += rotate ? 1 : 0;
+      }
+      for (int64_t k = 0; k < np; ++k) {
+        if (sn[k] == 0.0) continue;
+        double* cp = c + pp[k] * ld;
+        double* cq = c + qq[k] * ld;
+        const double co = cs[k], si = sn[k];
+        for (int64_t t = 0; t < ld; t += W) {
+          const V x = vload<V>(cp + t), y = vload<V>(cq + t);
+          vstore<V>(cp + t, co * x - si * y);
+          vstore<V>(cq + t, si * x + co * y);
+        }
+        norm2[pp[k]] = alpha[k];
+        norm2[qq[k]] = beta[k];
+      }
+      // next round: position 0 stays, the others move one place
+      const int64_t last = pos[rr - 1];
+      for (int64_t k = rr - 1; k > 1; --k) pos[k] = pos[k - 1];
+      pos[1] = last;
+    }
+    if (rotations == 0) break;
+    // recompute the norms once per sweep so rounding in the updates cannot accumulate
+    for (int64_t p = 0; p < r; ++p) norm2[p] = dot<I>(c + p * ld, c + p * ld, ld);
+  }
+  for (int64_t p = 0; p < r; ++p) sigma[p] = std::sqrt(dot<I>(c + p * ld, c + p * ld, ld));
+  std::sort(sigma, sigma + r, [](double x, double y) { return x > y; });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// One adapter
+
+struct Job {
+  const void* a;
+  const void* b;
+  int dtype;
+  int64_t r, m, n, lda, ldb;
+  double scaling, max_ratio;
+  double* sigma;
+  int64_t entry, index;
+  double cost;
+};
+
+// Per-thread buffers, sized for the largest adapter of the call; the fallbacks' buffers grow on demand.
+struct Scratch {
+  std::vector<double> buf, acc, ga, gb, la, lb, core, work, copy;
+  std::vector<int64_t> iwork;
+
+  void reserve(int64_t r, int64_t m, int64_t n) {
+    const int64_t rp = round_up(r, 8), rows4 = round_up(r, 4);
+    grow(buf, std::max(rows4 * std::max<int64_t>(8, std::min(round_up(n, 8), kChunkDoubles / rows4 / 8 * 8)),
+                       std::min(m, kChunkDoubles / rp) * rp + rp));
+    grow(acc, std::max(rows4 * rows4 * 8 + 64, 64 * (rp / 8) * (rp / 8 + 1) / 2));
+    for (auto* v : {&ga, &gb, &la, &lb, &core}) grow(*v, rp * rp);
+    grow(work, 8 * (rp + 2));
+    if (static_cast<int64_t>(iwork.size()) < 4 * (rp + 2)) iwork.resize(4 * (rp + 2));
+  }
+  static void grow(std::vector<double>& v, int64_t size) {
+    if (static_cast<int64_t>(v.size()) < size) v.resize(size);
+  }
+};
+
+// Largest magnitude of a row-major factor, or NaN when any element is NaN or infinite.
+template <class T>
+double max_abs(const T* x, int64_t rows, int64_t cols, int64_t ld) {
+  double mx = 0.0;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      const double v = std::fabs(widen(x[i * ld + j]));
+      if (!(v <= std::numeric_limits<double>::max())) return std::numeric_limits<double>::quiet_NaN();
+      mx = std::max(mx, v);
+    }
+  return mx;
+}
+
+// Power-of-two exponent e with max_abs * 2^e in [0.5, 1) (0 for a zero factor).
+int scale_exponent(double maxabs) {
+  if (maxabs == 0.0) return 0;
+  int e;
+  std::frexp(maxabs, &e);
+  return -e;
+}
+
+// Copies rows x cols of a row-major factor, times 2^e, into dst; transposed (dst[j * rows + i]) if asked.
+template <class T>
+void scaled_copy(const T* x, int64_t rows, int64_t cols, int64_t ld, int e, bool transpose, double* dst) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      const double v = std::ldexp(widen(x[i * ld + j]), e);
+      if (transpose)
+        dst[j * rows + i] = v;
+      else
+        dst[i * cols + j] = v;
+    }
+}
+
+// A (which = 0, r x n) or B (which = 1, m x r) of a job as scaled float64, for the slow paths (not inlined, so
+// the kernels are not instantiated once per dtype for them).
+struct Factor {
+  const Job& job;
+  bool is_b;
+  int64_t rows() const { return is_b ? job.m : job.r; }
+  int64_t cols() const { return is_b ? job.r : job.n; }
+  int64_t ld() const { return is_b ? job.ldb : job.lda; }
+  const void* ptr() const { return is_b ? job.b : job.a; }
+
+  double max_abs() const {
+    switch (job.dtype) {
+      case LF_FLOAT32:
+        return ::max_abs(static_cast<const float*>(ptr()), rows(), cols(), ld());
+      case LF_FLOAT64:
+        return ::max_abs(static_cast<const double*>(ptr()), rows(), cols(), ld());
+      case LF_BFLOAT16:
+        return ::max_abs(static_cast<const bf16*>(ptr()), rows(), cols(), ld());
+      default:
+        return ::max_abs(static_cast<const f16*>(ptr()), rows(), cols(), ld());
+    }
+  }
+  void copy(int e, bool transpose, double* dst) const {
+    switch (job.dtype) {
+      case LF_FLOAT32:
+        return scaled_copy(static_cast<const float*>(ptr()), rows(), cols(), ld(), e, transpose, dst);
+      case LF_FLOAT64:
+        return scaled_copy(static_cast<const double*>(ptr()), rows(), cols(), ld(), e, transpose, dst);
+      case LF_BFLOAT16:
+        return scaled_copy(static_cast<const bf16*>(ptr()), rows(), cols(), ld(), e, transpose, dst);
+      default:
+        return scaled_copy(static_cast<const f16*>(ptr()), rows(), cols(), ld(), e, transpose, dst);
+    }
+  }
+};
+
+// Gram matrices of unscaled inputs whose largest diagonal lies in this range are free of overflow and of any
+// underflow that could matter at 1e-10 of sigma_max (float32 and half inputs always are).
+constexpr double kGramMin = 0x1p-600, kGramMax = 0x1p+600;
+
+struct Exponents {
+  int a = 0, b = 0;  // A and B were used times 2^a and 2^b
+  bool zero = false;
+};
+
+// A A^T into s.ga and B^T B into s.gb (upper triangles, stride rp), from the inputs as they are or, outside the
+// fast path, from copies rescaled to max |x| ~ 1. The only part that depends on the input dtype.
+template <class I, class T>
+LF_INLINE int32_t grams(const Job& job, Scratch& s, Exponents& ex) {
+  const int64_t r = job.r, m = job.m, n = job.n, rp = round_up(r, 8);
+  double* ga = s.ga.data();
+  double* gb = s.gb.data();
+  gram_rows<I>(static_cast<const T*>(job.a), r, n, job.lda, s.buf.data(), s.acc.data(), ga, rp);
+  gram_cols<I>(static_cast<const T*>(job.b), m, r, job.ldb, s.buf.data(), s.acc.data(), gb, rp);
+  // NaN or Inf anywhere in a factor shows on the diagonal of its Gram matrix; so does an overflow
+  double da = 0.0, db = 0.0;
+  bool finite = true;
+  for (int64_t i = 0; i < r; ++i) {
+    finite = finite && std::isfinite(ga[i * rp + i]) && std::isfinite(gb[i * rp + i]);
+    da = std::max(da, ga[i * rp + i]);
+    db = std::max(db, gb[i * rp + i]);
+  }
+  // a zero diagonal may also be an underflow: rescale outside the range, after a look at the values
+  const bool rescale_a = !finite || !(da >= kGramMin && da <= kGramMax);
+  const bool rescale_b = !finite || !(db >= kGramMin && db <= kGramMax);
+  if (!rescale_a && !rescale_b) return LF_OK;
+  const Factor fa{job, false}, fb{job, true};
+  const double ma = fa.max_abs(), mb = fb.max_abs();
+  if (std::isnan(ma) || std::isnan(mb)) return LF_NON_FINITE;
+  if (ma == 0.0 || mb == 0.0) {  // a zero factor (PEFT's initial B): every singular value is 0
+    ex.zero = true;
+    return LF_OK;
+  }
+  Scratch::grow(s.copy, std::max(r * n, m * r));
+  if (rescale_a) {
+    ex.a = scale_exponent(ma);
+    fa.copy(ex.a, false, s.copy.data());
+    gram_rows<I>(s.copy.data(), r, n, n, s.buf.data(), s.acc.data(), ga, rp);
+  }
+  if (rescale_b) {
+    ex.b = scale_exponent(mb);
+    fb.copy(ex.b, false, s.copy.data());
+    gram_cols<I>(s.copy.data(), m, r, r, s.buf.data(), s.acc.data(), gb, rp);
+  }
+  return LF_OK;
+}
+
+// From the Gram matrices to sigma: R factors, the core, its singular values, scaled back.
+template <class I>
+LF_INLINE void finish(const Job& job, Scratch& s, Exponents ex) {
+  typedef typename VecOf<I::W>::type V;
+  constexpr int W = I::W;
+  const int64_t r = job.r, m = job.m, n = job.n, rp = round_up(r, 8);
+  if (ex.zero) {
+    std::fill(job.sigma, job.sigma + r, 0.0);
+    return;
+  }
+  // R factors, as L = R^T (row-major, stride rp); Householder where Cholesky-QR would lose accuracy
+  double* la = s.la.data();
+  double* lb = s.lb.data();
+  if (!cholesky<I>(s.ga.data(), r, rp, job.max_ratio, la, rp)) {
+    const Factor fa{job, false};
+    ex.a = scale_exponent(fa.max_abs());
+    Scratch::grow(s.copy, r * n);
+    fa.copy(ex.a, false, s.copy.data());  // A's rows are the columns of A^T
+    householder<I>(s.copy.data(), r, n, la, rp);
+  }
+  if (!cholesky<I>(s.gb.data(), r, rp, job.max_ratio, lb, rp)) {
+    const Factor fb{job, true};
+    ex.b = scale_exponent(fb.max_abs());
+    Scratch::grow(s.copy, r * m);
+    fb.copy(ex.b, true, s.copy.data());  // B's columns, contiguous
+    householder<I>(s.copy.data(), r, m, lb, rp);
+  }
+
+  // core M = R_A R_B^T, column j = sum_{k >= j} R_B[j][k] R_A[:, k] = sum_k L_B[k][j] * L_A[k][0..k]
+  double* core = s.core.data();
+  double maxabs = 0.0;
+  for (int64_t j = 0; j < r; ++j) {
+    double* col = core + j * rp;
+    std::memset(col, 0, sizeof(double) * rp);
+    for (int64_t k = j; k < r; ++k) {
+      const double f = lb[k * rp + j];
+      const double* row = la + k * rp;
+      const int64_t len = round_up(k + 1, W);  // L rows are zero beyond the diagonal and padded to rp
+      for (int64_t t = 0; t < len; t += W) vstore<V>(col + t, vload<V>(col + t) + f * vload<V>(row + t));
+    }
+    for (int64_t i = 0; i < r; ++i) maxabs = std::max(maxabs, std::fabs(col[i]));
+  }
+  if (maxabs == 0.0) {  // B A = 0 although neither factor is zero
+    std::fill(job.sigma, job.sigma + r, 0.0);
+    return;
+  }
+  // bring the core to max |entry| ~ 1 so Jacobi's squared norms neither overflow nor underflow
+  const int ec = scale_exponent(maxabs);
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t i = 0; i < r; ++i) core[j * rp + i] = std::ldexp(core[j * rp + i], ec);
+  jacobi_svdvals<I>(core, r, rp, s.work.data(), s.iwork.data(), job.sigma);
+
+  // sigma * |s| * 2^-(a + b + ec), with one rounding: |s| = f * 2^es, f in [0.5, 1)
+  int es = 0;
+  const double f = std::frexp(std::fabs(job.scaling), &es);
+  for (int64_t i = 0; i < r; ++i) job.sigma[i] = std::ldexp(job.sigma[i] * f, es - ex.a - ex.b - ec);
+}
+
+template <class I>
+LF_INLINE int32_t run_job(const Job& job, Scratch& s) {
+  Exponents ex;
+  int32_t status;
+  switch (job.dtype) {
+    case LF_FLOAT32:
+      status = grams<I, float>(job, s, ex);
+      break;
+    case LF_FLOAT64:
+      status = grams<I, double>(job, s, ex);
+      break;
+    case LF_BFLOAT16:
+      status = grams<I, bf16>(job, s, ex);
+      break;
+    default:
+      status = grams<I, f16>(job, s, ex);
+  }
+  if (status == LF_OK) finish<I>(job, s, ex);
+  return status;
+}
+
+// One instance per instruction set; everything above is inlined into each and compiled for its target.
+int32_t run_baseline(const Job& job, Scratch& s) { return run_job<IsaBase>(job, s); }
+#if LF_X86_CLONES
+__attribute__((target("arch=x86-64-v3"))) int32_t run_v3(const Job& job, Scratch& s) {
+  return run_job<IsaV3>(job, s);
+}
+__attribute__((target("arch=x86-64-v4"))) int32_t run_v4(const Job& job, Scratch& s) {
+  return run_job<IsaV4>(job, s);
+}
+#endif
+
+using RunFn = int32_t (*)(const Job&, Scratch&);
+struct Kernel {
+  const char* name;
+  RunFn run;
+};
+
+const Kernel kBaseline{"baseline", run_baseline};
+#if LF_X86_CLONES
+const Kernel kV3{"x86-64-v3", run_v3};
+const Kernel kV4{"x86-64-v4", run_v4};
+#endif
+
+// The best kernel this CPU runs, or the best at most `cap` ("x86-64-v4", "x86-64-v3", "baseline") if given.
+const Kernel* best_kernel(const char* cap) {
+  const bool allow_v4 = cap == nullptr || std::strcmp(cap, "x86-64-v4") == 0;
+  const bool allow_v3 = allow_v4 || std::strcmp(cap, "x86-64-v3") == 0;
+#if LF_X86_CLONES
+  __builtin_cpu_init();
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
+                  __builtin_cpu_supports("f16c") && __builtin_cpu_supports("movbe");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (v4 && allow_v4) return &kV4;
+  if (v3 && allow_v3) return &kV3;
+#else
+  (void)allow_v3;
+#endif
+  return &kBaseline;
+}
+
+std::atomic<const Kernel*> g_kernel{nullptr};
+
+const Kernel& kernel() {
+  const Kernel* k = g_kernel.load(std::memory_order_acquire);
+  if (k == nullptr) {
+    k = best_kernel(nullptr);
+    g_kernel.store(k, std::memory_order_release);
+  }
+  return *k;
+}
+
+// Relative costs: Gram FMAs + core work. Used to order jobs (largest first) and to decide how many threads pay.
+double job_cost(int64_t r, int64_t m, int64_t n) {
+  return static_cast<double>(m + n) * r * r / 2 + 40.0 * r * r * r;
+}
+// ~20 us of work per extra thread: below that, starting a thread (~15-30 us measured) costs more than it saves.
+constexpr double kCostPerThread = 1.5e6;
 
 }  // namespace
 
-std::vector<at::Tensor> lowrank_svdvals_cpu(at::TensorList a_list, at::TensorList b_list,
-                                            at::ArrayRef<double> scaling) {
-  const int64_t entries = static_cast<int64_t>(a_list.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(b_list.size()) == entries && static_cast<int64_t>(scaling.size()) == entries,
-                    "lowrank_svdvals: A, B and scaling must have the same length");
-  std::vector<at::Tensor> a_c(entries), b_c(entries), out(entries);
-  std::vector<Item> items;
-  for (int64_t e = 0; e < entries; ++e) {
-    // a 2-D entry is a batch of one (saves the caller two reshapes per adapter: ~4 us each)
-    const bool single = a_list[e].dim() == 2;
-    const at::Tensor a = single ? a_list[e].unsqueeze(0) : a_list[e];
-    const at::Tensor b = single ? b_list[e].unsqueeze(0) : b_list[e];
-    TORCH_CHECK_VALUE(a.dim() == 3 && b.dim() == 3, "lowrank_svdvals: entry ", e,
-                      " must be A (batch, r, n) and B (batch, m, r), or both 2-D");
-    TORCH_CHECK_VALUE(a.device().is_cpu() && b.device().is_cpu(), "lowrank_svdvals_cpu: entry ", e, " is not on CPU");
-    TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type() &&
-                          (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble),
-                      "lowrank_svdvals: entry ", e, " must be float32 or float64 with A and B of one dtype");
-    const int64_t batch = a.size(0), r = a.size(1), n = a.size(2), m = b.size(1);
-    TORCH_CHECK_VALUE(b.size(0) == batch && b.size(2) == r, "lowrank_svdvals: entry ", e, " has A ", a.sizes(),
-                      " and B ", b.sizes(), ": inner ranks or batch sizes differ");
-    TORCH_CHECK_VALUE(r > 0 && m > 0 && n > 0, "lowrank_svdvals: entry ", e, " is empty");
-    TORCH_CHECK_VALUE(r < std::min(m, n), "lowrank_svdvals: entry ", e, " has r=", r, " >= min(m, n)=",
-                      std::min(m, n), "; such shapes take the dense route");
-    a_c[e] = a.contiguous();
-    b_c[e] = b.contiguous();
-    out[e] = single ? at::empty({r}, a.options()) : at::empty({batch, r}, a.options());
-    for (int64_t i = 0; i < batch; ++i) items.push_back({e, i});
-  }
+extern "C" {
 
-  std::vector<char> bad(items.size(), 0);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const Item& it = items[w];
-      const at::Tensor& a = a_c[it.entry];
-      const at::Tensor& b = b_c[it.entry];
-      const int64_t r = a.size(1), n = a.size(2), m = b.size(1);
-      std::vector<double> sigma(r);
-      bool is_bad = false;
-      AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "lowrank_svdvals_cpu", [&] {
-        lowrank_core_svdvals<scalar_t>(a.const_data_ptr<scalar_t>() + it.index * r * n,
-                                       b.const_data_ptr<scalar_t>() + it.index * m * r, r, m, n, scaling[it.entry],
-                                       max_cholesky_ratio(a.scalar_type()), sigma.data(), &is_bad);
-        // written in the output dtype here: a per-entry .to() afterwards costs ~4 us each
-        std::copy(sigma.begin(), sigma.end(), out[it.entry].data_ptr<scalar_t>() + it.index * r);
-      });
-      bad[w] = is_bad;
+LF_API int32_t lf_abi_version(void) { return LF_ABI_VERSION; }
+
+LF_API const char* lf_isa(void) { return kernel().name; }
+
+LF_API const char* lf_select_isa(const char* cap) {
+  const Kernel* k = best_kernel(cap);
+  g_kernel.store(k, std::memory_order_release);
+  return k->name;
+}
+
+LF_API int32_t lf_lowrank_svdvals(int64_t count, const int64_t* entries, const double* params, double* sigma,
+                                  int32_t num_threads, int64_t* bad) {
+  try {
+    std::vector<Job> jobs;
+    int64_t max_r = 0, max_m = 0, max_n = 0;
+    for (int64_t e = 0; e < count; ++e) {
+      const int64_t* f = entries + e * LF_FIELDS;
+      const double* p = params + e * LF_PARAMS;
+      const int64_t batch = f[LF_BATCH], r = f[LF_R], m = f[LF_M], n = f[LF_N];
+      int64_t wrong = -1;
+      if (f[LF_A_PTR] == 0) wrong = LF_A_PTR;
+      if (f[LF_B_PTR] == 0) wrong = LF_B_PTR;
+      if (f[LF_DTYPE] < LF_FLOAT32 || f[LF_DTYPE] > LF_FLOAT16) wrong = LF_DTYPE;
+      if (batch < 0) wrong = LF_BATCH;
+      if (r < 1 || r > std::min(m, n)) wrong = LF_R;
+      if (f[LF_A_ROW_STRIDE] < n) wrong = LF_A_ROW_STRIDE;
+      if (f[LF_B_ROW_STRIDE] < r) wrong = LF_B_ROW_STRIDE;
+      if (f[LF_OUT_OFFSET] < 0) wrong = LF_OUT_OFFSET;
+      if (wrong >= 0) {
+        bad[0] = e;
+        bad[1] = wrong;
+        return LF_BAD_ARGUMENT;
+      }
+      static constexpr int64_t kSize[] = {4, 8, 2, 2};
+      const int64_t size = kSize[f[LF_DTYPE]];
+      max_r = std::max(max_r, r);
+      max_m = std::max(max_m, m);
+      max_n = std::max(max_n, n);
+      for (int64_t i = 0; i < batch; ++i) {
+        Job job;
+        job.a = reinterpret_cast<const char*>(f[LF_A_PTR]) + i * f[LF_A_BATCH_STRIDE] * size;
+        job.b = reinterpret_cast<const char*>(f[LF_B_PTR]) + i * f[LF_B_BATCH_STRIDE] * size;
+        job.dtype = static_cast<int>(f[LF_DTYPE]);
+        job.r = r;
+        job.m = m;
+        job.n = n;
+        job.lda = f[LF_A_ROW_STRIDE];
+        job.ldb = f[LF_B_ROW_STRIDE];
+        job.scaling = p[LF_SCALING];
+        job.max_ratio = p[LF_MAX_RATIO];
+        job.sigma = sigma + f[LF_OUT_OFFSET] + i * r;
+        job.entry = e;
+        job.index = i;
+        job.cost = job_cost(r, m, n);
+        jobs.push_back(job);
+      }
     }
-  });
-  for (size_t w = 0; w < items.size(); ++w)
-    TORCH_CHECK_VALUE(!bad[w], "lowrank_svdvals: adapter ", items[w].entry, " (batch index ", items[w].index,
-                      ") contains NaN or Inf");
-  return out;
+    if (jobs.empty()) return LF_OK;
+    // largest first, so the last jobs to start are short and the threads finish together
+    std::stable_sort(jobs.begin(), jobs.end(), [](const Job& x, const Job& y) { return x.cost > y.cost; });
+    double total = 0.0;
+    for (const Job& job : jobs) total += job.cost;
+    const int64_t useful = static_cast<int64_t>(total / kCostPerThread) + 1;
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({num_threads, useful, (int64_t)jobs.size()}));
+
+    // Workers are detached and share the state through a shared_ptr: the caller waits for the jobs that were
+    // started, never for a thread. On a loaded machine a new thread can wait milliseconds for a core; joining it
+    // made 36 BERT-size adapters take 2.7 ms instead of 0.4 ms on one thread.
+    struct State {
+      std::vector<Job> jobs;
+      std::vector<int32_t> status;
+      std::atomic<int64_t> next{0}, done{0};
+      std::mutex mutex;
+      std::condition_variable finished;
+      const Kernel* kernel;
+      int64_t max_r, max_m, max_n;
+    };
+    auto state = std::make_shared<State>();
+    state->jobs = std::move(jobs);
+    state->status.assign(state->jobs.size(), LF_OK);
+    state->kernel = &kernel();
+    state->max_r = max_r;
+    state->max_m = max_m;
+    state->max_n = max_n;
+    const int64_t total_jobs = static_cast<int64_t>(state->jobs.size());
+    // caller = true: the calling thread, which takes every job left, so that all of them end; a worker that
+    // cannot get its buffers leaves its share to the others
+    auto work = [](State& st, bool caller) {
+      const int64_t size = static_cast<int64_t>(st.jobs.size());
+      if (st.next.load() >= size) return;  // started too late: nothing left
+      Scratch s;
+      bool ready = true;
+      try {
+        s.reserve(st.max_r, st.max_m, st.max_n);
+      } catch (const std::bad_alloc&) {
+        if (!caller) return;
+        ready = false;
+      }
+      for (int64_t w; (w = st.next.fetch_add(1)) < size;) {
+        try {
+          st.status[w] = ready ? st.kernel->run(st.jobs[w], s) : LF_OUT_OF_MEMORY;
+        } catch (const std::bad_alloc&) {  // a fallback's buffer could not grow
+          st.status[w] = LF_OUT_OF_MEMORY;
+        }
+        if (st.done.fetch_add(1) + 1 == size) {
+          std::lock_guard<std::mutex> lock(st.mutex);
+          st.finished.notify_all();
+        }
+      }
+    };
+    for (int64_t t = 1; t < threads; ++t) {
+      try {
+        std::thread([state, work]() { work(*state, false); }).detach();
+      } catch (const std::system_error&) {
+        break;  // no more threads available: the ones running share the work
+      }
+    }
+    work(*state, true);
+    {
+      // every job has been taken; wait until the ones other threads took have ended (they write into sigma)
+      std::unique_lock<std::mutex> lock(state->mutex);
+      state->finished.wait(lock, [&]() { return state->done.load() == total_jobs; });
+    }
+    const std::vector<Job>& jobs_ = state->jobs;
+    const std::vector<int32_t>& status = state->status;
+    for (int64_t w = 0; w < total_jobs; ++w)
+      if (status[w] == LF_OUT_OF_MEMORY) return LF_OUT_OF_MEMORY;
+
+    // report the first bad adapter in input order
+    int64_t first = -1;
+    for (int64_t w = 0; w < total_jobs; ++w) {
+      if (status[w] != LF_OK && (first < 0 || jobs_[w].entry < jobs_[first].entry ||
+                                 (jobs_[w].entry == jobs_[first].entry && jobs_[w].index < jobs_[first].index)))
+        first = w;
+    }
+    if (first >= 0) {
+      bad[0] = jobs_[first].entry;
+      bad[1] = jobs_[first].index;
+      return status[first];
+    }
+    return LF_OK;
+  } catch (const std::bad_alloc&) {
+    return LF_OUT_OF_MEMORY;
+  }
 }
 
-}  // namespace lora_fast
-
-TORCH_LIBRARY(lora_fast_C, m) {
-  m.def("lowrank_svdvals(Tensor[] A, Tensor[] B, float[] scaling) -> Tensor[]");
-}
-
-TORCH_LIBRARY_IMPL(lora_fast_C, CPU, m) { m.impl("lowrank_svdvals", &lora_fast::lowrank_svdvals_cpu); }
+}  // extern "C"
