@@ -225,6 +225,10 @@ LF_INLINE void gram_cols(const T* x, int64_t m, int64_t r, int64_t ld, double* b
       const int64_t row_blocks = (jb * 8 + 8) / W;
       int64_t i0 = 0;
       for (; i0 + NI <= row_blocks; i0 += NI) cols_tile<V, W, NI>(buf, rows, rp, jb, i0, block_acc + i0 * 8 * W);
+      if (NI > 2 && i0 + 2 <= row_blocks) {  // two blocks in one pass: 8 broadcasts feed 16 FMAs, not 8
+        cols_tile<V, W, (NI > 2 ? 2 : 1)>(buf, rows, rp, jb, i0, block_acc + i0 * 8 * W);
+        i0 += NI > 2 ? 2 : 1;
+      }
       for (; i0 < row_blocks; ++i0) cols_tile<V, W, 1>(buf, rows, rp, jb, i0, block_acc + i0 * 8 * W);
       block_acc += (jb * 8 + 8) * 8;
     }
@@ -388,6 +392,97 @@ LF_INLINE void jacobi_svdvals(double* c, int64_t r, int64_t ld, double* work, in
   std::sort(sigma, sigma + r, [](double x, double y) { return x > y; });
 }
 
+// Eigenvalues of the symmetric r x r matrix p (row-major, stride ld, destroyed) into lambda (unsorted): Householder
+// tridiagonalization, then implicit QL with Wilkinson shifts. Backward stable: |error| <= c r eps ||p||. False if
+// an eigenvalue does not converge in 60 iterations (not seen; the caller then uses Jacobi).
+template <class I>
+LF_INLINE bool symmetric_eigenvalues(double* p, int64_t r, int64_t ld, double* work, double* lambda) {
+  double* e = work;           // sub-diagonal, e[i] couples i and i + 1
+  double* v = e + r + 1;      // Householder vector
+  double* w = v + ld;         // p v, then the rank-2 update vector
+  double* d = lambda;
+  for (int64_t k = 0; k + 2 < r; ++k) {
+    // reflect p[k+1.., k] onto its first entry; the trailing block becomes H p H
+    const int64_t len = r - k - 1;
+    double norm2 = 0.0;
+    for (int64_t i = 0; i < len; ++i) {
+      v[i] = p[(k + 1 + i) * ld + k];
+      norm2 += v[i] * v[i];
+    }
+    d[k] = p[k * ld + k];
+    if (norm2 == 0.0) {
+      e[k] = 0.0;
+      continue;
+    }
+    const double x0 = v[0];
+    const double alpha = x0 >= 0 ? -std::sqrt(norm2) : std::sqrt(norm2);  // the sign without cancellation
+    e[k] = alpha;
+    v[0] = x0 - alpha;
+    const double tau = 1.0 / (norm2 - x0 * alpha);  // 2 / |v|^2, as |v|^2 = 2 (norm2 - x0 alpha)
+    double* block = p + (k + 1) * ld + (k + 1);
+    for (int64_t i = 0; i < len; ++i) w[i] = tau * dot<I>(block + i * ld, v, len);
+    const double half = 0.5 * tau * dot<I>(w, v, len);
+    for (int64_t i = 0; i < len; ++i) w[i] -= half * v[i];
+    for (int64_t i = 0; i < len; ++i) {
+      double* row = block + i * ld;
+      const double vi = v[i], wi = w[i];
+      for (int64_t j = 0; j < len; ++j) row[j] -= vi * w[j] + wi * v[j];
+    }
+  }
+  if (r >= 2) {
+    d[r - 2] = p[(r - 2) * ld + (r - 2)];
+    e[r - 2] = p[(r - 1) * ld + (r - 2)];
+  }
+  d[r - 1] = p[(r - 1) * ld + (r - 1)];
+  e[r - 1] = 0.0;
+
+  // Deflate where an off-diagonal entry is below eps * ||T||: absolute accuracy is all the caller needs (its
+  // sigma error bound is already ~r sqrt(eps) sigma_max), and small eigenvalues then need no extra iterations.
+  double norm = 0.0;
+  for (int64_t i = 0; i < r; ++i) norm = std::max(norm, std::fabs(d[i]) + std::fabs(e[i]) + (i ? std::fabs(e[i - 1]) : 0));
+  const double small = std::numeric_limits<double>::epsilon() * norm;
+  for (int64_t l = 0; l < r; ++l) {
+    for (int iter = 0;; ++iter) {
+      int64_t m = l;
+      for (; m + 1 < r; ++m)
+        if (std::fabs(e[m]) <= small) break;
+      if (m == l) break;
+      if (iter == 60) return false;
+      // Wilkinson shift from the leading 2 x 2 block, then one implicit QL sweep from m up to l
+      double g = (d[l + 1] - d[l]) / (2.0 * e[l]);
+      double h = std::sqrt(g * g + 1.0);
+      g = d[m] - d[l] + e[l] / (g + (g >= 0 ? h : -h));
+      double sn = 1.0, cs = 1.0, shift = 0.0;
+      int64_t i = m - 1;
+      bool split = false;
+      for (; i >= l; --i) {
+        const double f = sn * e[i], b = cs * e[i];
+        h = std::sqrt(f * f + g * g);
+        e[i + 1] = h;
+        if (h == 0.0) {  // the matrix splits here: undo the shift and look for convergence again
+          d[i + 1] -= shift;
+          e[m] = 0.0;
+          split = true;
+          break;
+        }
+        const double inv = 1.0 / h;  // one division on the critical path instead of two
+        sn = f * inv;
+        cs = g * inv;
+        g = d[i + 1] - shift;
+        h = (d[i] - g) * sn + 2.0 * cs * b;
+        shift = sn * h;
+        d[i + 1] = g + shift;
+        g = cs * h - b;
+      }
+      if (split) continue;
+      d[l] -= shift;
+      e[l] = g;
+      e[m] = 0.0;
+    }
+  }
+  return true;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // One adapter
 
@@ -396,7 +491,7 @@ struct Job {
   const void* b;
   int dtype;
   int64_t r, m, n, lda, ldb;
-  double scaling, max_ratio;
+  double scaling, max_ratio, sigma_tol;
   double* sigma;
   int64_t entry, index;
   double cost;
@@ -413,7 +508,7 @@ struct Scratch {
                        std::min(m, kChunkDoubles / rp) * rp + rp));
     grow(acc, std::max(rows4 * rows4 * 8 + 64, 64 * (rp / 8) * (rp / 8 + 1) / 2));
     for (auto* v : {&ga, &gb, &la, &lb, &core}) grow(*v, rp * rp);
-    grow(work, 8 * (rp + 2));
+    grow(work, 8 * (rp + 2));  // Jacobi: ~3.5 rp; eigenvalues: 3 rp + 1
     if (static_cast<int64_t>(iwork.size()) < 4 * (rp + 2)) iwork.resize(4 * (rp + 2));
   }
   static void grow(std::vector<double>& v, int64_t size) {
@@ -570,29 +665,48 @@ LF_INLINE void finish(const Job& job, Scratch& s, Exponents ex) {
     householder<I>(s.copy.data(), r, m, lb, rp);
   }
 
-  // core M = R_A R_B^T, column j = sum_{k >= j} R_B[j][k] R_A[:, k] = sum_k L_B[k][j] * L_A[k][0..k]
+  // core M = R_A R_B^T = L_A^T L_B, stored by columns: column j = sum_{k >= j} L_B[k][j] * L_A[k][0..k]. One row
+  // k of both factors at a time, so consecutive updates touch different columns (no store-to-load chains).
   double* core = s.core.data();
-  double maxabs = 0.0;
-  for (int64_t j = 0; j < r; ++j) {
-    double* col = core + j * rp;
-    std::memset(col, 0, sizeof(double) * rp);
-    for (int64_t k = j; k < r; ++k) {
+  std::memset(core, 0, sizeof(double) * r * rp);
+  for (int64_t k = 0; k < r; ++k) {
+    const double* row = la + k * rp;
+    const int64_t len = round_up(k + 1, W);  // L rows are zero beyond the diagonal and padded to rp
+    for (int64_t j = 0; j <= k; ++j) {
       const double f = lb[k * rp + j];
-      const double* row = la + k * rp;
-      const int64_t len = round_up(k + 1, W);  // L rows are zero beyond the diagonal and padded to rp
+      double* col = core + j * rp;
       for (int64_t t = 0; t < len; t += W) vstore<V>(col + t, vload<V>(col + t) + f * vload<V>(row + t));
     }
-    for (int64_t i = 0; i < r; ++i) maxabs = std::max(maxabs, std::fabs(col[i]));
   }
+  double maxabs = 0.0;
+  for (int64_t i = 0; i < r * rp; ++i) maxabs = std::max(maxabs, std::fabs(core[i]));
   if (maxabs == 0.0) {  // B A = 0 although neither factor is zero
     std::fill(job.sigma, job.sigma + r, 0.0);
     return;
   }
-  // bring the core to max |entry| ~ 1 so Jacobi's squared norms neither overflow nor underflow
+  // bring the core to max |entry| ~ 1 so squared norms neither overflow nor underflow; the entries come from
+  // factors within 2^+-600, so 2^ec is a normal number and the product exact
   const int ec = scale_exponent(maxabs);
-  for (int64_t j = 0; j < r; ++j)
-    for (int64_t i = 0; i < r; ++i) core[j * rp + i] = std::ldexp(core[j * rp + i], ec);
-  jacobi_svdvals<I>(core, r, rp, s.work.data(), s.iwork.data(), job.sigma);
+  const double unit = std::ldexp(1.0, ec);
+  for (int64_t i = 0; i < r * rp; ++i) core[i] *= unit;
+  // The core's singular values. Where the caller's accuracy allows (float32 and half inputs: 1e-5 of sigma_max),
+  // as square roots of the eigenvalues of M^T M: their error is at most ~r sqrt(eps) sigma_max (1e-6 at r = 64),
+  // and they cost 10-20x less than Jacobi (5 us instead of 60-300 us at r = 64 on Zen 4). Otherwise Jacobi,
+  // whose error is ~r eps sigma_max.
+  constexpr double kSqrtEps = 1.4901161193847656e-08;
+  bool done = false;
+  if (4.0 * r * kSqrtEps <= job.sigma_tol) {
+    double* gram = s.ga.data();  // free now: M^T M, the Gram matrix of M's columns (rows of `core`)
+    gram_rows<I>(core, r, rp, rp, s.buf.data(), s.acc.data(), gram, rp);
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < i; ++j) gram[i * rp + j] = gram[j * rp + i];
+    if (symmetric_eigenvalues<I>(gram, r, rp, s.work.data(), job.sigma)) {
+      for (int64_t i = 0; i < r; ++i) job.sigma[i] = std::sqrt(std::max(job.sigma[i], 0.0));
+      std::sort(job.sigma, job.sigma + r, [](double x, double y) { return x > y; });
+      done = true;
+    }
+  }
+  if (!done) jacobi_svdvals<I>(core, r, rp, s.work.data(), s.iwork.data(), job.sigma);
 
   // sigma * |s| * 2^-(a + b + ec), with one rounding: |s| = f * 2^es, f in [0.5, 1)
   int es = 0;
@@ -734,6 +848,7 @@ LF_API int32_t lf_lowrank_svdvals(int64_t count, const int64_t* entries, const d
         job.ldb = f[LF_B_ROW_STRIDE];
         job.scaling = p[LF_SCALING];
         job.max_ratio = p[LF_MAX_RATIO];
+        job.sigma_tol = p[LF_SIGMA_TOL];
         job.sigma = sigma + f[LF_OUT_OFFSET] + i * r;
         job.entry = e;
         job.index = i;

@@ -19,7 +19,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or the entry layout changes; Python refuses a library with another version. */
-#define LF_ABI_VERSION 1
+#define LF_ABI_VERSION 2
 
 /* Element types of A and B. Half precision is widened exactly; every product is formed and summed in float64. */
 enum lf_dtype { LF_FLOAT32 = 0, LF_FLOAT64 = 1, LF_BFLOAT16 = 2, LF_FLOAT16 = 3 };
@@ -47,6 +47,7 @@ enum lf_field {
 enum lf_param {
   LF_SCALING = 0,    /* s; sigma is scaled by |s| */
   LF_MAX_RATIO,      /* largest max/min of diag(R) for which Cholesky-QR is kept (Householder QR beyond) */
+  LF_SIGMA_TOL,      /* accuracy the caller needs, relative to sigma_max; picks the core's solver */
   LF_PARAMS
 };
 

@@ -42,7 +42,7 @@ def _svdvals(a_list: list[torch.Tensor], b_list: list[torch.Tensor], scales: lis
     if torch.compiler.is_compiling():
         return op.lowrank_svdvals(a_list, b_list, scales)
     with torch.no_grad():
-        return op.svdvals(a_list, b_list, scales)
+        return op.svdvals(a_list, b_list, scales, where="singular_values")
 
 
 def singular_values(A: TensorOrList, B: TensorOrList, scaling: float | Sequence[float] | torch.Tensor = 1.0):
@@ -64,12 +64,8 @@ def singular_values(A: TensorOrList, B: TensorOrList, scaling: float | Sequence[
     """
     if isinstance(A, torch.Tensor) or isinstance(B, torch.Tensor):
         a, b = op.check_pair(A, B, "singular_values")
-        lead = a.shape[:-2]
-        scale = op.batch_scaling(scaling, lead, a.device, "singular_values")
-        if a.ndim > 3:
-            a, b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+        scale = op.batch_scaling(scaling, a.shape[:-2], a.device, "singular_values")
         sigma = _svdvals([a], [b], [scale if isinstance(scale, float) else 1.0])[0]
-        sigma = sigma.reshape(*lead, sigma.shape[-1])
         return sigma if isinstance(scale, float) else sigma * scale.to(sigma.dtype).unsqueeze(-1)
     if isinstance(A, (str, bytes)) or isinstance(B, (str, bytes)):
         raise ValueError("singular_values: A and B must be tensors or lists of tensors")
@@ -78,12 +74,7 @@ def singular_values(A: TensorOrList, B: TensorOrList, scaling: float | Sequence[
         raise ValueError("singular_values: empty list of adapters")
     if len(A) != len(B):
         raise ValueError(f"singular_values: {len(A)} A matrices but {len(B)} B matrices")
-    scales = op.check_scalings(scaling, len(A), "singular_values")
-    pairs = [op.check_pair(a, b, f"singular_values: adapter {i}") for i, (a, b) in enumerate(zip(A, B, strict=True))]
-    # 2-D adapters (the usual case) go as they are; deeper batches are flattened to (batch, r, n) and back
-    flat = [(a, b) if a.ndim <= 3 else (a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])) for a, b in pairs]
-    sigmas = _svdvals([a for a, _ in flat], [b for _, b in flat], scales)
-    return [s if a.ndim <= 3 else s.reshape(*a.shape[:-2], -1) for s, (a, _) in zip(sigmas, pairs, strict=True)]
+    return _svdvals(A, B, op.check_scalings(scaling, len(A), "singular_values"))
 
 
 def _check_threshold(threshold: float) -> float:

@@ -36,10 +36,31 @@ def dense_sigma(a: torch.Tensor, b: torch.Tensor, scaling: float = 1.0) -> torch
     return torch.linalg.svdvals(b.double() @ a.double())[..., :k] * abs(scaling)
 
 
+def native_entry(a: torch.Tensor, b: torch.Tensor, scaling: float = 1.0) -> tuple:
+    """The entry `_native.lowrank_svdvals` takes for A (batch, r, n) or (r, n) and B (batch, m, r) or (m, r)."""
+    batch, strides_a, strides_b = (
+        (a.shape[0], a.stride()[:2], b.stride()[:2]) if a.ndim == 3 else (1, (0, a.stride(0)), (0, b.stride(0)))
+    )
+    r, n, m = a.shape[-2], a.shape[-1], b.shape[-2]
+    dtype = a.dtype
+    return (
+        a,
+        b,
+        batch,
+        r,
+        m,
+        n,
+        strides_a,
+        strides_b,
+        scaling,
+        op.MAX_CHOLESKY_RATIO[dtype],
+        op.SIGMA_TOLERANCE[dtype],
+    )
+
+
 def native_sigma(native, a: torch.Tensor, b: torch.Tensor, scaling: float = 1.0, threads: int = 2) -> torch.Tensor:
     out = torch.full((a.shape[-2] * (a.shape[0] if a.ndim == 3 else 1),), float("nan"), dtype=torch.float64)
-    ratio = op.MAX_CHOLESKY_RATIO[a.dtype]
-    assert native.lowrank_svdvals([(a, b, scaling, ratio)], out, threads) is None
+    assert native.lowrank_svdvals([native_entry(a, b, scaling)], out, threads) is None
     return out.view(a.shape[0], -1) if a.ndim == 3 else out
 
 
@@ -130,11 +151,11 @@ def test_batches_strides_and_threads(native):
 def test_many_entries_one_call(native):
     shapes = [(123, 431, 7), (431, 123, 1), (300, 400, 16), (64, 65, 33), (77, 88, 8)] * 3
     pairs = [adapter(m, n, r, torch.float64, seed=i) for i, (m, n, r) in enumerate(shapes)]
-    entries = [(a, b, float(i + 1), 1e3) for i, (a, b) in enumerate(pairs)]
+    entries = [native_entry(a, b, float(i + 1)) for i, (a, b) in enumerate(pairs)]
     out = torch.empty(sum(a.shape[0] for a, _ in pairs), dtype=torch.float64)
     assert native.lowrank_svdvals(entries, out, 2) is None
-    for (a, b, s, _), sigma in zip(entries, out.split([a.shape[0] for a, _ in pairs]), strict=True):
-        assert_close(sigma, dense_sigma(a, b, s), torch.float64)
+    for i, ((a, b), sigma) in enumerate(zip(pairs, out.split([a.shape[0] for a, _ in pairs]), strict=True)):
+        assert_close(sigma, dense_sigma(a, b, i + 1), torch.float64)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -144,7 +165,7 @@ def test_non_finite_reported_with_entry_and_batch_index(native, bad, dtype):
     b = torch.randn(3, 40, 4).to(dtype)
     b2 = b.clone()
     b2[2, 7, 1] = bad
-    entries = [(a, b, 1.0, 1e5), (a, b2, 1.0, 1e5)]
+    entries = [native_entry(a, b), native_entry(a, b2)]
     out = torch.empty(24, dtype=torch.float64)
     assert native.lowrank_svdvals(entries, out, 2) == (1, 2)
 
@@ -152,9 +173,11 @@ def test_non_finite_reported_with_entry_and_batch_index(native, bad, dtype):
 def test_refuses_bad_arguments(native):
     a, b = torch.randn(8, 20), torch.randn(6, 8)  # r = 8 > m = 6: the dense route's case
     with pytest.raises(ValueError, match="field r"):
-        native.lowrank_svdvals([(a, b, 1.0, 1e5)], torch.empty(8, dtype=torch.float64), 1)
+        native.lowrank_svdvals([native_entry(a, b)], torch.empty(8, dtype=torch.float64), 1)
+    with pytest.raises(ValueError, match="field b_row_stride"):
+        native.lowrank_svdvals([native_entry(a.T[:6], b.T[:, :6])], torch.empty(8, dtype=torch.float64), 1)
     with pytest.raises(ValueError, match="contiguous float64"):
-        native.lowrank_svdvals([(a, b.T.contiguous().T, 1.0, 1e5)], torch.empty(3, dtype=torch.float64), 1)
+        native.lowrank_svdvals([native_entry(a[:, :6], b[:, :6].T)], torch.empty(3, dtype=torch.float64), 1)
 
 
 def _elf_dynamic_info(path: str) -> tuple[list[str], list[str]]:

@@ -21,7 +21,7 @@ import torch
 
 LIBRARY_ENV = "LORA_FAST_NATIVE_LIB"
 # Must match csrc/lowrank_svd.h.
-ABI_VERSION = 1
+ABI_VERSION = 2
 FIELDS = (
     "a_ptr",
     "b_ptr",
@@ -103,15 +103,15 @@ def select_isa(cap: str | None) -> str:
     return _lib().lf_select_isa(None if cap is None else cap.encode()).decode()
 
 
-def lowrank_svdvals(
-    entries: list[tuple[torch.Tensor, torch.Tensor, float, float]], out: torch.Tensor, num_threads: int
-) -> tuple[int, int] | None:
-    """σ of ``|s|·B @ A`` for each entry into ``out`` (float64, contiguous), entry after entry, r values each.
+def lowrank_svdvals(entries: list[tuple], out: torch.Tensor, num_threads: int) -> tuple[int, int] | None:
+    """σ of ``|s|·B @ A`` for each entry into ``out`` (float64, contiguous), entry after entry, batch·r values each.
 
     Args:
-        entries: (A (batch, r, n), B (batch, m, r), s, max Cholesky ratio), or A and B 2-D (one adapter); CPU
-            tensors of one dtype per entry (float32, float64, bfloat16 or float16), rows contiguous, r <= min(m, n).
-        out: receives batch·r values per entry, in entry order.
+        entries: ``(A, B, batch, r, m, n, A's (batch, row) strides, B's (batch, row) strides, s, max Cholesky
+            ratio, σ accuracy needed relative to σ_max)``: CPU tensors of one dtype per entry (float32, float64,
+            bfloat16 or float16) with contiguous rows, r <= min(m, n), and their sizes and strides in elements
+            (the caller has read them already: reading them again costs ~1 µs per adapter).
+        out: receives the values, in entry order.
         num_threads: threads the library may use.
 
     Returns:
@@ -121,28 +121,11 @@ def lowrank_svdvals(
     fields: array = array("q")
     params: array = array("d")
     offset = 0
-    for a, b, scaling, max_ratio in entries:
-        if a.ndim == 2:  # one adapter: a batch of one, without making views (~1 µs each)
-            batch, (r, n), a_batch_stride, b_batch_stride = 1, a.shape, 0, 0
-        else:
-            (batch, r, n), a_batch_stride, b_batch_stride = a.shape, a.stride(0), b.stride(0)
+    for a, b, batch, r, m, n, (a_batch, a_row), (b_batch, b_row), scaling, max_ratio, sigma_tol in entries:
         fields.extend(
-            (
-                a.data_ptr(),
-                b.data_ptr(),
-                DTYPE_CODES[a.dtype],
-                batch,
-                r,
-                b.shape[-2],
-                n,
-                a_batch_stride,
-                a.stride(-2) if r > 1 else n,  # a size-1 dimension may carry any stride
-                b_batch_stride,
-                b.stride(-2),
-                offset,
-            )
+            (a.data_ptr(), b.data_ptr(), DTYPE_CODES[a.dtype], batch, r, m, n, a_batch, a_row, b_batch, b_row, offset)
         )
-        params.extend((scaling, max_ratio))
+        params.extend((scaling, max_ratio, sigma_tol))
         offset += batch * r
     if out.dtype != torch.float64 or not out.is_contiguous() or out.numel() < offset:
         raise ValueError(f"lowrank_svdvals: out must be a contiguous float64 tensor of at least {offset} values")
