@@ -12,13 +12,17 @@ Shapes: BERT-base (36 adapters 768×768, r ∈ {8, 16, 64}) and a 7B LLaMA-style
 which lora_fast reads as it is).
 
 Run: ``pytest benchmarks/bench_lowrank_svd.py --benchmark-only``. The dense SVD and ``svd_lowrank`` of 224 7B-size
-adapters take minutes to hours on 2 cores and are skipped unless ``LORA_FAST_BENCH_DENSE_7B=1``.
+adapters take minutes to hours on 2 cores and are skipped unless ``LORA_FAST_BENCH_DENSE_7B=1``. On a shared machine,
+``python benchmarks/bench_lowrank_svd.py`` takes the ratios of the fast providers interleaved (see ``interleaved``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -166,3 +170,52 @@ def test_lowrank_svd(benchmark, machine, sync, provider, shape_id, device):
         energy_ranks_equal_reference=ranks_equal,
         note=f"max σ err/σmax {err:.1e}, energy ranks {'==' if ranks_equal else '!='} reference",
     )
+
+
+def interleaved(rounds: int, shape_ids: list[str]) -> None:
+    """Ratios on a shared machine: the fast providers in turn, round after round, medians per provider.
+
+    pytest-benchmark times one provider after another, so load that comes and goes lands on some providers and
+    not on others; here every round runs each provider once, and a ratio is taken between medians of the same
+    rounds. Run: ``python benchmarks/bench_lowrank_svd.py [--rounds N] [shape ids]``.
+    """
+    print(f"interleaved medians over {rounds} rounds; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    header = ("shape", "lora_fast", "torch_qr", "read_floor", "vs torch_qr", "GB/s", "floor GB/s")
+    print(f"{header[0]:<20}" + "".join(f"{h:>12}" for h in header[1:]))
+    for shape_id in shape_ids:
+        shapes, dtype = SHAPES[shape_id]
+        a_list, b_list = make_adapters(shapes, "cpu", dtype)
+        groups = stacked(a_list, b_list)
+        fns = {
+            "lora_fast": functools.partial(singular_values, a_list, b_list),
+            "torch_qr": functools.partial(torch_qr, groups),
+            "read_floor": functools.partial(read_floor, groups),
+        }
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for fn in fns.values():  # warm-up
+            fn()
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        size = sum(a.nbytes + b.nbytes for a, b in zip(a_list, b_list, strict=True))
+        print(
+            f"{shape_id:<20}{med['lora_fast'] * 1e3:>10.3f}ms{med['torch_qr'] * 1e3:>10.3f}ms"
+            f"{med['read_floor'] * 1e3:>10.3f}ms{med['torch_qr'] / med['lora_fast']:>11.1f}x"
+            f"{size / med['lora_fast'] / 1e9:>12.1f}{size / med['read_floor'] / 1e9:>12.1f}"
+        )
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=interleaved.__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=31)
+    parser.add_argument("shapes", nargs="*", help=f"shape ids, default all: {', '.join(SHAPES)}")
+    args = parser.parse_args()
+    unknown = sorted(set(args.shapes) - set(SHAPES))
+    if unknown:
+        parser.error(f"unknown shape ids {unknown}; known: {', '.join(SHAPES)}")
+    interleaved(args.rounds, args.shapes or list(SHAPES))

@@ -59,7 +59,7 @@ struct Scratch {
                        std::min(m, kChunkDoubles / rp) * rp + rp));
     grow(acc, std::max(rows4 * rows4 * 8 + 64, 64 * (rp / 8) * (rp / 8 + 1) / 2));
     for (auto* v : {&ga, &gb, &la, &lb, &core}) grow(*v, rp * rp);
-    grow(work, 8 * (rp + 2));  // Jacobi: ~3.5 rp; eigenvalues: 3 rp + 1
+    grow(work, 8 * (rp + 2));  // Jacobi: ~3.5 rp; eigenvalues: 5 rp + 1
     if (static_cast<int64_t>(iwork.size()) < 4 * (rp + 2)) iwork.resize(4 * (rp + 2));
   }
   static void grow(std::vector<double>& v, int64_t size) {
@@ -274,11 +274,16 @@ LF_TARGET void gram_cols(const T* x, int64_t m, int64_t r, int64_t ld, double* b
   std::memset(acc, 0, sizeof(double) * acc_doubles);
   for (int64_t t0 = 0; t0 < m; t0 += T_) {
     const int64_t rows = std::min(T_, m - t0);
-    for (int64_t t = 0; t < rows; ++t) {
-      const T* src = x + (t0 + t) * ld;
-      double* dst = buf + t * rp;
-      for (int64_t j = 0; j < r; ++j) dst[j] = widen(src[j]);
-      for (int64_t j = r; j < rp; ++j) dst[j] = 0.0;
+    if (ld == rp) {  // rows of 8, 16, ... contiguous: one long loop (a loop per row of 8-16 values costs 2x)
+      const T* src = x + t0 * ld;
+      for (int64_t t = 0; t < rows * rp; ++t) buf[t] = widen(src[t]);
+    } else {
+      for (int64_t t = 0; t < rows; ++t) {
+        const T* src = x + (t0 + t) * ld;
+        double* dst = buf + t * rp;
+        for (int64_t j = 0; j < r; ++j) dst[j] = widen(src[j]);
+        for (int64_t j = r; j < rp; ++j) dst[j] = 0.0;
+      }
     }
     cols_chunk<I>(buf, rows, rp, acc);
   }
@@ -441,15 +446,78 @@ LF_INLINE void jacobi_svdvals(double* c, int64_t r, int64_t ld, double* work, in
   std::sort(sigma, sigma + r, [](double x, double y) { return x > y; });
 }
 
-// Eigenvalues of the symmetric r x r matrix p (row-major, stride ld, destroyed) into lambda (unsorted): Householder
-// tridiagonalization, then implicit QL with Wilkinson shifts. Backward stable: |error| <= c r eps ||p||. False if
-// an eigenvalue does not converge in 60 iterations (not seen; the caller then uses Jacobi).
+// Eigenvalues (ascending) of the symmetric tridiagonal matrix with diagonal d and sub-diagonal e (r - 1 values)
+// into lambda, by bisection: lane j of vector u converges to the (u W + j)-th smallest eigenvalue, with
+// count(x) = #eigenvalues < x = #negative pivots of T - x I (Sturm). work: r values.
 template <class I>
-LF_INLINE bool symmetric_eigenvalues(double* p, int64_t r, int64_t ld, double* work, double* lambda) {
-  double* e = work;           // sub-diagonal, e[i] couples i and i + 1
-  double* v = e + r + 1;      // Householder vector
-  double* w = v + ld;         // p v, then the rank-2 update vector
-  double* d = lambda;
+LF_INLINE void bisect_eigenvalues(const double* d, const double* e, int64_t r, double* work, double* lambda) {
+  typedef typename VecOf<I::W>::type V;
+  constexpr int W = I::W, kInFlight = 8;  // independent vectors per step: the divisions overlap
+  double* e2 = work;
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo, e2max = 0.0;
+  for (int64_t i = 0; i < r; ++i) {  // Gershgorin bounds
+    const double radius = (i > 0 ? std::fabs(e[i - 1]) : 0.0) + (i + 1 < r ? std::fabs(e[i]) : 0.0);
+    lo = std::min(lo, d[i] - radius);
+    hi = std::max(hi, d[i] + radius);
+    if (i + 1 < r) {
+      e2[i] = e[i] * e[i];
+      e2max = std::max(e2max, e2[i]);
+    }
+  }
+  // A zero pivot becomes -pivmin (0/0 would be NaN where e2 = 0); a tiny one may give e2 / q = inf, and IEEE
+  // arithmetic carries the count through (the next pivot is -inf, then the one after is finite again).
+  const double pivmin = std::numeric_limits<double>::min() * std::max(1.0, e2max);
+  // vector operands and one comparison per select: a scalar operand, or `&` of two comparisons, makes GCC 12 fall
+  // back to one lane at a time (measured 4x slower)
+  const V zero = {}, one = zero + 1.0, half = zero + 0.5, vpiv = zero + pivmin;
+  const int64_t blocks = (r + W - 1) / W;
+  for (int64_t b0 = 0; b0 < blocks; b0 += kInFlight) {
+    const int nv = static_cast<int>(std::min<int64_t>(kInFlight, blocks - b0));
+    V vlo[kInFlight], vhi[kInFlight], rank[kInFlight];
+    for (int u = 0; u < nv; ++u)
+      for (int j = 0; j < W; ++j) {
+        vlo[u][j] = lo;
+        vhi[u][j] = hi;
+        rank[u][j] = static_cast<double>((b0 + u) * W + j);
+      }
+    for (int iter = 0; iter < 48; ++iter) {
+      V x[kInFlight], q[kInFlight], count[kInFlight];
+      for (int u = 0; u < nv; ++u) {
+        x[u] = half * (vlo[u] + vhi[u]);
+        q[u] = d[0] - x[u];
+        q[u] = q[u] == zero ? -vpiv : q[u];
+        count[u] = q[u] < zero ? one : zero;
+      }
+      for (int64_t i = 1; i < r; ++i) {
+        const double di = d[i], ei2 = e2[i - 1];
+        for (int u = 0; u < nv; ++u) {
+          q[u] = (di - x[u]) - ei2 / q[u];
+          q[u] = q[u] == zero ? -vpiv : q[u];
+          count[u] += q[u] < zero ? one : zero;
+        }
+      }
+      for (int u = 0; u < nv; ++u) {
+        const auto below = count[u] > rank[u];  // the eigenvalue sought lies below x
+        vhi[u] = below ? x[u] : vhi[u];
+        vlo[u] = below ? vlo[u] : x[u];
+      }
+    }
+    for (int u = 0; u < nv; ++u)
+      for (int j = 0; j < W && (b0 + u) * W + j < r; ++j) lambda[(b0 + u) * W + j] = 0.5 * (vlo[u][j] + vhi[u][j]);
+  }
+}
+
+// Eigenvalues of the symmetric r x r matrix p (row-major, stride ld, destroyed) into lambda, ascending: Householder
+// tridiagonalization, then bisection vectorized across eigenvalues (implicit QL, a chain of a sqrt and a division
+// per step, took 2-3x longer at r = 8-64). 48 halvings of the Gershgorin interval leave each eigenvalue within
+// ~1e-14 ||p||, so sigma = sqrt(lambda) is off by at most ~1e-7 sigma_max, no more than forming p already costs.
+// work: r + 1 + 4 ld values.
+template <class I>
+LF_INLINE void symmetric_eigenvalues(double* p, int64_t r, int64_t ld, double* work, double* lambda) {
+  double* e = work;       // sub-diagonal, e[i] couples i and i + 1
+  double* v = e + r + 1;  // Householder vector
+  double* w = v + ld;     // p v, then the rank-2 update vector
+  double* d = w + ld;     // diagonal
   for (int64_t k = 0; k + 2 < r; ++k) {
     // reflect p[k+1.., k] onto its first entry; the trailing block becomes H p H
     const int64_t len = r - k - 1;
@@ -485,52 +553,11 @@ LF_INLINE bool symmetric_eigenvalues(double* p, int64_t r, int64_t ld, double* w
   d[r - 1] = p[(r - 1) * ld + (r - 1)];
   e[r - 1] = 0.0;
 
-  // Deflate where an off-diagonal entry is below eps * ||T||: absolute accuracy is all the caller needs (its
-  // sigma error bound is already ~r sqrt(eps) sigma_max), and small eigenvalues then need no extra iterations.
-  double norm = 0.0;
-  for (int64_t i = 0; i < r; ++i) norm = std::max(norm, std::fabs(d[i]) + std::fabs(e[i]) + (i ? std::fabs(e[i - 1]) : 0));
-  const double small = std::numeric_limits<double>::epsilon() * norm;
-  for (int64_t l = 0; l < r; ++l) {
-    for (int iter = 0;; ++iter) {
-      int64_t m = l;
-      for (; m + 1 < r; ++m)
-        if (std::fabs(e[m]) <= small) break;
-      if (m == l) break;
-      if (iter == 60) return false;
-      // Wilkinson shift from the leading 2 x 2 block, then one implicit QL sweep from m up to l
-      double g = (d[l + 1] - d[l]) / (2.0 * e[l]);
-      double h = std::sqrt(g * g + 1.0);
-      g = d[m] - d[l] + e[l] / (g + (g >= 0 ? h : -h));
-      double sn = 1.0, cs = 1.0, shift = 0.0;
-      int64_t i = m - 1;
-      bool split = false;
-      for (; i >= l; --i) {
-        const double f = sn * e[i], b = cs * e[i];
-        h = std::sqrt(f * f + g * g);
-        e[i + 1] = h;
-        if (h == 0.0) {  // the matrix splits here: undo the shift and look for convergence again
-          d[i + 1] -= shift;
-          e[m] = 0.0;
-          split = true;
-          break;
-        }
-        const double inv = 1.0 / h;  // one division on the critical path instead of two
-        sn = f * inv;
-        cs = g * inv;
-        g = d[i + 1] - shift;
-        h = (d[i] - g) * sn + 2.0 * cs * b;
-        shift = sn * h;
-        d[i + 1] = g + shift;
-        g = cs * h - b;
-      }
-      if (split) continue;
-      d[l] -= shift;
-      e[l] = g;
-      e[m] = 0.0;
-    }
-  }
-  return true;
+  bisect_eigenvalues<I>(d, e, r, d + ld, lambda);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// One adapter
 
 // Largest magnitude of a row-major factor, or NaN when any element is NaN or infinite.
 template <class T>
@@ -710,19 +737,17 @@ LF_TARGET __attribute__((noinline)) void finish(const Job& job, Scratch& s, Expo
   // and they cost less than Jacobi (measured on Zen 4: ~110 us instead of ~300 us at r = 64, 7 instead of 8-12 us
   // at r = 16). Otherwise Jacobi, whose error is ~r eps sigma_max.
   constexpr double kSqrtEps = 1.4901161193847656e-08;
-  bool done = false;
   if (4.0 * r * kSqrtEps <= job.sigma_tol) {
     double* gram = s.ga.data();  // free now: M^T M, the Gram matrix of M's columns (rows of `core`)
     gram_rows<I>(core, r, rp, rp, s.buf.data(), s.acc.data(), gram, rp);
     for (int64_t i = 0; i < r; ++i)
       for (int64_t j = 0; j < i; ++j) gram[i * rp + j] = gram[j * rp + i];
-    if (symmetric_eigenvalues<I>(gram, r, rp, s.work.data(), job.sigma)) {
-      for (int64_t i = 0; i < r; ++i) job.sigma[i] = std::sqrt(std::max(job.sigma[i], 0.0));
-      std::sort(job.sigma, job.sigma + r, [](double x, double y) { return x > y; });
-      done = true;
-    }
+    symmetric_eigenvalues<I>(gram, r, rp, s.work.data(), job.sigma);  // ascending
+    std::reverse(job.sigma, job.sigma + r);
+    for (int64_t i = 0; i < r; ++i) job.sigma[i] = std::sqrt(std::max(job.sigma[i], 0.0));
+  } else {
+    jacobi_svdvals<I>(core, r, rp, s.work.data(), s.iwork.data(), job.sigma);
   }
-  if (!done) jacobi_svdvals<I>(core, r, rp, s.work.data(), s.iwork.data(), job.sigma);
 
   // sigma * |s| * 2^-(a + b + ec), with one rounding: |s| = f * 2^es, f in [0.5, 1)
   int es = 0;

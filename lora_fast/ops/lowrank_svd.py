@@ -32,7 +32,9 @@ MAX_CHOLESKY_RATIO = {torch.float64: 1e3, torch.float32: 1e5, torch.bfloat16: 1e
 # Half precision is held to float32's bar. The native kernel picks its core solver from it.
 SIGMA_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 # Types the native kernel reads as they are; anything else floating is converted (see check_pair).
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = {torch.float32, torch.float64, torch.bfloat16, torch.float16}
+# what the native kernel gets per dtype: (max Cholesky ratio, σ accuracy), looked up once per adapter
+_NATIVE_PARAMS = {dtype: (MAX_CHOLESKY_RATIO[dtype], SIGMA_TOLERANCE[dtype]) for dtype in _KERNEL_DTYPES}
 
 
 def result_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -209,23 +211,22 @@ def _non_finite(index: int, batch_index: int | None) -> ValueError:
     return ValueError(f"lowrank_svdvals: adapter {index}{where} contains NaN or Inf")
 
 
-def _native_route(indices: list[int], entries: list[tuple], a_list, out: list) -> None:
-    """σ of the adapters ``indices`` (``entries`` as ``_native.lowrank_svdvals`` takes them) from one native call."""
+def _native_route(native: list[tuple[int, bool, bool]], entries: list[tuple], out: list) -> None:
+    """σ of the adapters ``native`` ((index, batched, float64) each; ``entries`` as ``_native.lowrank_svdvals``
+    takes them) from one call into the native library."""
     sizes = [entry[2] * entry[3] for entry in entries]  # batch · r
     flat = torch.empty(sum(sizes), dtype=torch.float64)
     bad = _native.lowrank_svdvals(entries, flat, torch.get_num_threads())
     if bad is not None:
-        i = indices[bad[0]]
-        raise _non_finite(i, bad[1] if a_list[i].ndim == 3 else None)
+        i, batched, _ = native[bad[0]]
+        raise _non_finite(i, bad[1] if batched else None)
     # one split into views per result dtype (a slice per entry costs ~1.5 µs more)
-    pieces: dict[torch.dtype, tuple[Tensor, ...]] = {}
-    for k, i in enumerate(indices):
-        a = a_list[i]
-        dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-        if dtype not in pieces:
-            pieces[dtype] = (flat if dtype == torch.float64 else flat.to(dtype)).split(sizes)
-        piece = pieces[dtype][k]
-        out[i] = piece.view(sizes[k] // entries[k][3], entries[k][3]) if a.ndim == 3 else piece
+    pieces: dict[bool, tuple[Tensor, ...]] = {}
+    for k, (i, batched, is_float64) in enumerate(native):
+        if is_float64 not in pieces:
+            pieces[is_float64] = (flat if is_float64 else flat.to(torch.float32)).split(sizes)
+        piece = pieces[is_float64][k]
+        out[i] = piece.view(-1, entries[k][3]) if batched else piece
 
 
 def _torch_route(entries: list[int], a_list, b_list, scaling, out: list) -> None:
@@ -285,7 +286,7 @@ def svdvals(
     a_list, b_list = list(a_list), list(b_list)
     out: list[Tensor | None] = [None] * len(a_list)
     lead: dict[int, torch.Size] = {}  # entries with more than one batch dim, flattened for the kernels
-    native: list[int] = []
+    native: list[tuple[int, bool, bool]] = []
     native_entries: list[tuple] = []
     other: list[int] = []
     cpu_backend = None
@@ -336,13 +337,12 @@ def svdvals(
             batch_a, batch_b, row_a, row_b = 0, 0, stride_a[0], stride_b[0]
         if r == 1:
             row_a = n  # a size-1 dimension may carry any stride
-        native.append(i)
+        native.append((i, a.ndim == 3, dtype == torch.float64))
         native_entries.append(
-            (a, b, batch, r, m, n, (batch_a, row_a), (batch_b, row_b), scaling[i], MAX_CHOLESKY_RATIO[dtype],
-             SIGMA_TOLERANCE[dtype])
-        )  # fmt: skip
+            (a, b, batch, r, m, n, (batch_a, row_a), (batch_b, row_b), scaling[i], *_NATIVE_PARAMS[dtype])
+        )
     if native:
-        _native_route(native, native_entries, a_list, out)
+        _native_route(native, native_entries, out)
     if other:
         _torch_route(other, a_list, b_list, scaling, out)
     for i, dims in lead.items():
