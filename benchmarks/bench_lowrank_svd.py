@@ -213,9 +213,12 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=interleaved.__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=31)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every provider")
     parser.add_argument("shapes", nargs="*", help=f"shape ids, default all: {', '.join(SHAPES)}")
     args = parser.parse_args()
     unknown = sorted(set(args.shapes) - set(SHAPES))
     if unknown:
         parser.error(f"unknown shape ids {unknown}; known: {', '.join(SHAPES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     interleaved(args.rounds, args.shapes or list(SHAPES))
