@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "lora_fast"  # the source tree; a venv inside the checkout (.venv-ci) is an install all the same
 
 
 def _installed_package_first() -> None:
@@ -26,7 +27,7 @@ def _installed_package_first() -> None:
         sys.path.remove(p)
     sys.path.extend(here or [str(ROOT)])
     module = sys.modules.get("lora_fast")
-    if module is not None and Path(module.__file__).resolve().is_relative_to(ROOT):
+    if module is not None and Path(module.__file__).resolve().parent == SOURCE:
         raise RuntimeError("lora_fast was imported from the source tree before tests/conftest.py ran")
 
 
@@ -47,7 +48,7 @@ import lora_fast  # noqa: E402
 from lora_fast.ops import _backend  # noqa: E402
 from lora_fast.ops import _native  # noqa: E402
 
-if Path(lora_fast.__file__).resolve().is_relative_to(ROOT) and not _editable_install():
+if Path(lora_fast.__file__).resolve().parent == SOURCE and not _editable_install():
     raise pytest.UsageError(
         f"lora_fast is not installed (it imports from {ROOT}); the tests check the installed package and its "
         "native library: run `pip install .` first"
