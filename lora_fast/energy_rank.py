@@ -1,7 +1,8 @@
 """How much rank do LoRA adapters use? Singular values and energy ranks of ΔW = s·B·A, batched and cheap.
 
 All functions work without forming the m×n update: QR of B and of Aᵀ, then the SVD of an r×r core, which costs
-O((m+n)·r²) per adapter instead of the O(m·n·min(m,n)) of a dense SVD.
+O((m+n)·r²) per adapter instead of the O(m·n·min(m,n)) of a dense SVD. The op itself, with its routing, dtype policy
+and checks, is ``lora_fast.ops.lowrank_svd``; this module collects adapters and calls it.
 
 Example::
 
@@ -28,67 +29,19 @@ import torch
 from lora_fast.adapters import Adapter
 from lora_fast.adapters import LoraPair
 from lora_fast.adapters import find_pairs
-from lora_fast.ops.lowrank_svd import dense_svdvals
-from lora_fast.ops.lowrank_svd import lowrank_svdvals
-from lora_fast.ops.lowrank_svd import lowrank_svdvals_eager
-from lora_fast.ops.lowrank_svd import prefers_dense_route
+from lora_fast.ops import lowrank_svd as op
 
 __all__ = ["AdapterRecord", "analyze", "energy_rank", "singular_values", "truncate"]
 
 TensorOrList = torch.Tensor | Sequence[torch.Tensor]
 
 
-def _check_pair(a: Any, b: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        raise ValueError(f"{where}: A and B must be tensors, got {type(a).__name__} and {type(b).__name__}")
-    if a.ndim < 2 or b.ndim < 2:
-        raise ValueError(f"{where}: A must be (..., r, n) and B (..., m, r); got ndim {a.ndim} and {b.ndim}")
-    if a.shape[:-2] != b.shape[:-2]:
-        raise ValueError(f"{where}: leading (batch) dims differ: A {tuple(a.shape)}, B {tuple(b.shape)}")
-    if a.shape[-2] != b.shape[-1]:
-        raise ValueError(
-            f"{where}: inner ranks differ: A {tuple(a.shape)} has r={a.shape[-2]}, "
-            f"B {tuple(b.shape)} has r={b.shape[-1]}"
-        )
-    if a.numel() == 0 or b.numel() == 0:
-        raise ValueError(f"{where}: empty adapter, A {tuple(a.shape)}, B {tuple(b.shape)}")
-    if not (a.is_floating_point() and b.is_floating_point()):
-        raise ValueError(f"{where}: A and B must be floating point, got {a.dtype} and {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"{where}: A is on {a.device} but B is on {b.device}")
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    # float16/bfloat16 adapters are analysed in float32: their own precision is far below what sigma needs.
-    dtype = dtype if dtype == torch.float64 else torch.float32
-    return (a, b) if a.dtype == b.dtype == dtype else (a.to(dtype), b.to(dtype))
-
-
-@torch.no_grad()
-def _batched_svdvals(pairs: list[tuple[torch.Tensor, torch.Tensor]], scales: list[float]) -> list[torch.Tensor]:
-    """σ for each (A (batch, r, n), B (batch, m, r)) pair, or 2-D pair: one op call for all low-rank-route pairs."""
-    out: list[torch.Tensor | None] = [None] * len(pairs)
-    lowrank = []
-    for i, (a, b) in enumerate(pairs):
-        if prefers_dense_route(a.shape[-2], b.shape[-2], a.shape[-1]):
-            if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-                raise ValueError(f"singular_values: adapter {i} contains NaN or Inf")
-            out[i] = dense_svdvals(a, b, scales[i])
-        else:
-            lowrank.append(i)
-    if lowrank:
-        by_device: dict[torch.device, list[int]] = {}
-        for i in lowrank:
-            by_device.setdefault(pairs[i][0].device, []).append(i)
-        # the registered op under torch.compile; its eager body otherwise (the wrapper costs ~8 us per tensor)
-        op = lowrank_svdvals if torch.compiler.is_compiling() else lowrank_svdvals_eager
-        for idx in by_device.values():
-            sigmas = op(
-                [pairs[i][0].contiguous() for i in idx],
-                [pairs[i][1].contiguous() for i in idx],
-                [scales[i] for i in idx],
-            )
-            for i, s in zip(idx, sigmas, strict=True):
-                out[i] = s
-    return out  # type: ignore[return-value]
+def _svdvals(a_list: list[torch.Tensor], b_list: list[torch.Tensor], scales: list[float]) -> list[torch.Tensor]:
+    # the registered op under torch.compile; its eager body otherwise (the custom-op wrapper costs ~8 us per tensor)
+    if torch.compiler.is_compiling():
+        return op.lowrank_svdvals(a_list, b_list, scales)
+    with torch.no_grad():
+        return op.svdvals(a_list, b_list, scales, where="singular_values")
 
 
 def singular_values(A: TensorOrList, B: TensorOrList, scaling: float | Sequence[float] | torch.Tensor = 1.0):
@@ -97,50 +50,30 @@ def singular_values(A: TensorOrList, B: TensorOrList, scaling: float | Sequence[
     Args:
         A: (..., r, n) tensor, or a list of such tensors (adapters of different shapes).
         B: (..., m, r) tensor with the same leading dims, or a list matching ``A``.
-        scaling: a float; for a batched tensor also a tensor broadcastable to the leading dims; for lists also a
-            sequence of floats, one per adapter. Its sign does not matter.
+        scaling: a number (0-d tensors and numpy scalars included); for a batched tensor also a tensor or array
+            broadcastable to the leading dims; for lists also one number per adapter. Its sign does not matter.
 
     Returns:
         (..., min(r, m, n)) tensor (a list of them for list input), float64 for float64 input and float32
         otherwise. Computed in float64. Not differentiable.
 
     Raises:
-        ValueError: mismatched inner ranks or batch dims, ndim < 2, empty input, non-float dtype, NaN/Inf.
+        ValueError: mismatched inner ranks or batch dims, ndim < 2, empty input, non-float dtype, NaN/Inf in the
+            factors, a scaling that is not finite or not a number.
     """
     if isinstance(A, torch.Tensor) or isinstance(B, torch.Tensor):
-        a, b = _check_pair(A, B, "singular_values")
-        lead = a.shape[:-2]
-        a3 = a.reshape(-1, *a.shape[-2:])
-        b3 = b.reshape(-1, *b.shape[-2:])
-        scale_tensor = torch.as_tensor(scaling, dtype=torch.float64)
-        if scale_tensor.ndim == 0:
-            sigma = _batched_svdvals([(a3, b3)], [float(scale_tensor)])[0]
-            return sigma.reshape(*lead, sigma.shape[-1])
-        sigma = _batched_svdvals([(a3, b3)], [1.0])[0].reshape(*lead, -1)
-        try:
-            scale_tensor = scale_tensor.abs().to(sigma).expand(lead).unsqueeze(-1)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"singular_values: scaling of shape {tuple(scale_tensor.shape)} does not broadcast "
-                f"to the batch dims {tuple(lead)}"
-            ) from exc
-        return sigma * scale_tensor
+        a, b = op.check_pair(A, B, "singular_values")
+        scale = op.batch_scaling(scaling, a.shape[:-2], a.device, "singular_values")
+        sigma = _svdvals([a], [b], [scale if isinstance(scale, float) else 1.0])[0]
+        return sigma if isinstance(scale, float) else sigma * scale.to(sigma.dtype).unsqueeze(-1)
+    if isinstance(A, (str, bytes)) or isinstance(B, (str, bytes)):
+        raise ValueError("singular_values: A and B must be tensors or lists of tensors")
     A, B = list(A), list(B)
     if not A:
         raise ValueError("singular_values: empty list of adapters")
     if len(A) != len(B):
         raise ValueError(f"singular_values: {len(A)} A matrices but {len(B)} B matrices")
-    if isinstance(scaling, (int, float)):
-        scales = [float(scaling)] * len(A)
-    else:
-        scales = [float(s) for s in scaling]
-        if len(scales) != len(A):
-            raise ValueError(f"singular_values: {len(scales)} scalings for {len(A)} adapters")
-    pairs = [_check_pair(a, b, f"singular_values: adapter {i}") for i, (a, b) in enumerate(zip(A, B, strict=True))]
-    # 2-D adapters (the usual case) go as they are; deeper batches are flattened to (batch, r, n) and back
-    flat = [(a, b) if a.ndim <= 3 else (a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])) for a, b in pairs]
-    sigmas = _batched_svdvals(flat, scales)
-    return [s if a.ndim <= 3 else s.reshape(*a.shape[:-2], -1) for s, (a, _) in zip(sigmas, pairs, strict=True)]
+    return _svdvals(A, B, op.check_scalings(scaling, len(A), "singular_values"))
 
 
 def _check_threshold(threshold: float) -> float:
@@ -150,38 +83,66 @@ def _check_threshold(threshold: float) -> float:
     return threshold
 
 
-def energy_rank(sigma: torch.Tensor | Sequence[torch.Tensor], threshold: float = 0.95):
+def _spectrum(value: Any, i: int) -> torch.Tensor:
+    """One 1-D spectrum of a list given to energy_rank, from a tensor, an array or a list of numbers."""
+    if isinstance(value, (int, float)):
+        raise ValueError(
+            f"energy_rank: sigma as a list must hold 1-D spectra, but element {i} is the number {value!r}; "
+            "pass torch.tensor([...]) for a single spectrum"
+        )
+    try:
+        spectrum = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"energy_rank: element {i} of sigma is not a spectrum: {type(value).__name__}") from exc
+    if spectrum.ndim != 1:
+        raise ValueError(f"energy_rank: element {i} of sigma must be 1-D, got shape {tuple(spectrum.shape)}")
+    return spectrum
+
+
+def energy_rank(sigma: torch.Tensor | Sequence[torch.Tensor] | Any, threshold: float = 0.95):
     """Smallest j with ``sum(σ[:j]²) >= threshold * sum(σ²)``: the rank that holds ``threshold`` of the energy.
 
     The comparison is ``>=`` (as in PEFT's rank conversion), so a spectrum whose top-j values hold exactly the
-    threshold gets j. An all-zero spectrum has energy rank 0.
+    threshold gets j. An all-zero spectrum has energy rank 0. Spectra are divided by their largest value first, so
+    float64 spectra anywhere in the representable range (1e±300) give the same ranks as at unit scale.
 
     Args:
-        sigma: (..., k) singular values (any order; they are sorted), or a list of 1-D spectra.
+        sigma: (..., k) singular values (any order; they are sorted) as a tensor or numpy array, or a list of 1-D
+            spectra (tensors, arrays or lists of numbers).
         threshold: fraction of energy in (0, 1].
 
     Returns:
         int64 tensor of shape (...), or a list of ints for list input.
     """
     threshold = _check_threshold(threshold)
-    if not isinstance(sigma, torch.Tensor):
-        spectra = list(sigma)
+    if isinstance(sigma, (list, tuple)):
+        spectra = [_spectrum(s, i) for i, s in enumerate(sigma)]
         if not spectra:
             raise ValueError("energy_rank: empty list of spectra")
-        if all(isinstance(s, torch.Tensor) and s.ndim == 1 for s in spectra) and len({s.device for s in spectra}) == 1:
+        if len({s.device for s in spectra}) == 1:
             # zero padding changes neither the cumulative nor the total energy: one batched call for all
             padded = torch.nn.utils.rnn.pad_sequence([s.to(torch.float64) for s in spectra], batch_first=True)
             return energy_rank(padded, threshold).tolist()
         return [energy_rank(s, threshold).tolist() for s in spectra]
+    if not isinstance(sigma, torch.Tensor):
+        if not hasattr(sigma, "__array__"):
+            raise ValueError(
+                f"energy_rank: sigma must be a tensor, an array or a list of spectra, got {type(sigma).__name__}"
+            )
+        sigma = torch.as_tensor(sigma)
     if sigma.ndim == 0 or sigma.shape[-1] == 0:
         raise ValueError(f"energy_rank: sigma must be (..., k) with k >= 1, got shape {tuple(sigma.shape)}")
-    if not sigma.is_floating_point():
-        sigma = sigma.to(torch.float64)
+    if sigma.is_complex() or sigma.dtype == torch.bool:
+        raise ValueError(f"energy_rank: sigma must be real, got {sigma.dtype}")
+    sigma = sigma.to(torch.float64)
     if not bool(torch.isfinite(sigma).all()):
         raise ValueError("energy_rank: sigma contains NaN or Inf")
     if bool((sigma < 0).any()):
         raise ValueError("energy_rank: singular values must be non-negative")
-    energy = sigma.to(torch.float64).sort(dim=-1, descending=True).values.square().cumsum(-1)
+    # σ/σ_max: the squares of σ beyond ~1e154 overflow and below ~1e-162 underflow; the ratios do neither
+    top = sigma.amax(dim=-1, keepdim=True)
+    unit = sigma / torch.where(top > 0, top, torch.ones_like(top))
+    energy = unit.sort(dim=-1, descending=True).values.square().cumsum(-1)
     total = energy[..., -1:]
     # count of prefixes still below the threshold, +1; zero spectra hold no energy and get 0
     rank = (energy < threshold * total).sum(-1) + 1
@@ -206,20 +167,24 @@ def truncate(A: torch.Tensor, B: torch.Tensor, rank: int | None = None, *, thres
     """
     if (rank is None) == (threshold is None):
         raise ValueError("truncate: give exactly one of rank or threshold")
-    a, b = _check_pair(A, B, "truncate")
+    a, b = op.check_pair(A, B, "truncate")
     if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
         raise ValueError("truncate: adapter contains NaN or Inf")
     k = min(a.shape[-2], a.shape[-1], b.shape[-2])
-    q_b, r_b = torch.linalg.qr(b.to(torch.float64))  # B = Q_B R_B, Q_B (m, min(m, r))
-    q_a, r_a = torch.linalg.qr(a.to(torch.float64).mT)  # Aᵀ = Q_A R_A
+    # powers of two bring both factors to max |x| ~ 1 (exact), so the QR norms cannot overflow
+    a_unit, ea = op.unit_scaled(a.to(torch.float64))
+    b_unit, eb = op.unit_scaled(b.to(torch.float64))
+    q_b, r_b = torch.linalg.qr(b_unit)  # B = Q_B R_B, Q_B (m, min(m, r))
+    q_a, r_a = torch.linalg.qr(a_unit.mT)  # Aᵀ = Q_A R_A
     u, s, vh = torch.linalg.svd(r_b @ r_a.mT)  # B A = Q_B U Σ Vᵀ Q_Aᵀ
     if threshold is not None:
         rank = int(energy_rank(s[..., :k], threshold).max())
-    if not isinstance(rank, int) or not 0 <= rank <= k:
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= k:
         raise ValueError(f"truncate: rank must be an int in [0, {k}] (min of r, m, n), got {rank!r}")
     root = s[..., :rank].sqrt()
-    b_new = (q_b @ u[..., :, :rank]) * root.unsqueeze(-2)
-    a_new = root.unsqueeze(-1) * (vh[..., :rank, :] @ q_a.mT)
+    half = torch.div(ea + eb, 2, rounding_mode="floor")  # 2^(ea+eb) split between the two factors
+    b_new = op.times_pow2((q_b @ u[..., :, :rank]) * root.unsqueeze(-2), half)
+    a_new = op.times_pow2(root.unsqueeze(-1) * (vh[..., :rank, :] @ q_a.mT), ea + eb - half)
     dtype = torch.promote_types(A.dtype, B.dtype)
     return a_new.to(dtype), b_new.to(dtype)
 

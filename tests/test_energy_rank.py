@@ -386,3 +386,143 @@ def test_analyze_bad_inputs(tmp_path):
         analyze({"x.lora_A": torch.randn(2, 4), "x.lora_B": torch.randn(4, 2)}, threshold=0)
     with pytest.raises(ValueError, match="expected a model"):
         analyze(42)
+
+
+# ---- bad input: rows 1.4-1.10 of the shared bad-input table ----------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 1e300, 1e-300, 1e-320])
+def test_energy_rank_of_extreme_spectra(scale):  # row 1.4
+    sigma = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    assert int(energy_rank(sigma)) == 3
+    assert int(energy_rank(sigma * scale)) == 3
+    assert energy_rank(torch.stack([sigma * scale, sigma, torch.zeros(3, dtype=torch.float64)])).tolist() == [3, 3, 0]
+
+
+def test_energy_rank_of_a_tiny_adapter(backend):  # row 1.4, through singular_values
+    a, b = random_pair(9, 10, 8, torch.float64)
+    sigma = singular_values(a * 1e-300, b)
+    assert (sigma > 0).all()
+    assert int(energy_rank(sigma)) == int(energy_rank(sigma / sigma.max())) == int(energy_rank(dense_sigma(a, b)))
+
+
+def test_representable_sigma_of_huge_factors(backend):  # row 1.5
+    a, b = random_pair(150, 29, 1, torch.float64)
+    sigma = singular_values(a * 1e300, b)  # rank one: σ = |a| |b| 1e300 ≈ 6e300, representable
+    expected = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b) * 1e300
+    assert torch.isfinite(sigma).all()
+    assert abs(sigma.item() / expected.item() - 1) < 1e-12
+
+
+@pytest.mark.parametrize("m,n,r", [(30, 30, 30), (200, 150, 8)])  # the dense route, then the low-rank route
+def test_overflowing_product_gives_inf_not_nan(backend, m, n, r):  # row 1.6
+    a = torch.full((r, n), 1e160, dtype=torch.float64)
+    b = torch.full((m, r), 1e160, dtype=torch.float64)
+    sigma = singular_values(a, b)  # rank one, σ_max = 1e320 · sqrt(m n) r: beyond float64
+    assert not torch.isnan(sigma).any()
+    assert torch.isinf(sigma[0])
+    # the others are rounding noise of a rank-one product: at most ~1e-15 of σ_max, as at unit scale
+    unit = singular_values(a / 1e160, b / 1e160)
+    assert torch.isfinite(sigma[1:]).all() and (unit[1:] <= 1e-13 * unit[0]).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scaling_raises(backend, bad):  # row 1.8
+    a, b = random_pair(20, 30, 4, torch.float32)
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        singular_values(a, b, bad)
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        singular_values([a, a], [b, b], [1.0, bad])
+    with pytest.raises(ValueError, match="scaling contains NaN or Inf"):
+        singular_values(a.expand(2, 4, 30), b.expand(2, 20, 4), torch.tensor([1.0, bad]))
+
+
+def test_scaling_as_tensor_or_numpy(backend):  # row 1.9
+    np = pytest.importorskip("numpy")
+    a, b = random_pair(20, 30, 4, torch.float64)
+    expected = dense_sigma(a, b, 2.0)
+    for scaling in (2, 2.0, -2.0, torch.tensor(2.0), np.float32(2), np.float64(-2.0), np.array(2.0)):
+        assert_sigma_close(singular_values(a, b, scaling), expected, torch.float64)
+        first, second = singular_values([a, a], [b, b], scaling)
+        assert_sigma_close(first, expected, torch.float64)
+        assert_sigma_close(second, expected, torch.float64)
+    for per_adapter in (np.array([2.0, 1.0]), torch.tensor([2.0, 1.0]), (2, 1.0)):
+        first, second = singular_values([a, a], [b, b], per_adapter)
+        assert_sigma_close(first, expected, torch.float64)
+        assert_sigma_close(second, expected / 2, torch.float64)
+    batched = singular_values(a.expand(2, 4, 30), b.expand(2, 20, 4), np.array([2.0, -1.0]))
+    assert_sigma_close(batched, torch.stack([expected, expected / 2]), torch.float64)
+
+
+@pytest.mark.parametrize("bad", ["2", None, object(), [1.0, "x"], {"s": 2}])
+def test_scaling_of_the_wrong_type_is_named(bad):  # row 1.9
+    a, b = random_pair(20, 30, 4, torch.float32)
+    with pytest.raises(ValueError, match="scaling"):
+        singular_values(a, b, bad)
+    with pytest.raises(ValueError, match="scaling"):
+        singular_values([a, a], [b, b], bad)
+
+
+def test_energy_rank_of_lists_and_arrays():  # row 1.10
+    np = pytest.importorskip("numpy")
+    assert energy_rank([[3.0, 2.0, 1.0]]) == [3]
+    assert energy_rank([[3.0, 2.0, 1.0], [1.0, 0.0]], 0.5) == [1, 1]
+    assert energy_rank([np.array([3.0, 2.0, 1.0]), torch.tensor([5.0])]) == [3, 1]
+    from_numpy = energy_rank(np.array([[3.0, 2.0, 1.0], [1.0, 1.0, 1.0]]))
+    assert isinstance(from_numpy, torch.Tensor) and from_numpy.tolist() == [3, 3]
+    assert int(energy_rank(np.array([3.0, 2.0, 1.0], dtype=np.float32))) == 3
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ([3.0, 2.0, 1.0], "element 0 is the number"),
+        ("abc", "sigma must be"),
+        (None, "sigma must be"),
+        ([[[1.0]]], "must be 1-D"),
+        ([["a"]], "not a spectrum"),
+        (torch.tensor([1 + 1j]), "real"),
+    ],
+)
+def test_energy_rank_names_bad_sigma(bad, match):  # row 1.10
+    with pytest.raises(ValueError, match=match):
+        energy_rank(bad)
+
+
+# ---- routing and grouping ---------------------------------------------------------------------------------------
+
+
+def test_torch_route_makes_one_batched_call_per_shape(monkeypatch):
+    """CUDA tensors, and CPU ones under LORA_FAST_BACKEND=ref, go through torch ops: one call per shape."""
+    monkeypatch.setenv("LORA_FAST_BACKEND", "ref")
+    calls = {"qr": 0, "svdvals": 0}
+    qr, svdvals = torch.linalg.qr, torch.linalg.svdvals
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(torch.linalg, "qr", counted("qr", qr))
+    monkeypatch.setattr(torch.linalg, "svdvals", counted("svdvals", svdvals))
+    shapes = [(123, 431, 7), (60, 50, 4)] * 6 + [(30, 20, 25)] * 3  # two low-rank shapes, one dense
+    pairs = [random_pair(m, n, r, torch.float32, seed=i) for i, (m, n, r) in enumerate(shapes)]
+    sigmas = singular_values([a for a, _ in pairs], [b for _, b in pairs], 2.0)
+    assert calls == {"qr": 4, "svdvals": 3}
+    for (a, b), sigma in zip(pairs, sigmas, strict=True):
+        assert_sigma_close(sigma, dense_sigma(a, b, 2.0), torch.float32)
+
+
+def test_mixed_dtypes_and_routes_in_one_call(backend):
+    pairs = [
+        random_pair(123, 431, 7, torch.float64),
+        random_pair(40, 30, 64, torch.float32),  # r >= min(m, n): dense route
+        random_pair(70, 50, 7, torch.bfloat16),
+        (random_pair(80, 90, 5, torch.float16)[0], random_pair(80, 90, 5, torch.float32)[1]),  # mixed: float32
+    ]
+    sigmas = singular_values([a for a, _ in pairs], [b for _, b in pairs])
+    assert [s.dtype for s in sigmas] == [torch.float64, torch.float32, torch.float32, torch.float32]
+    for (a, b), sigma in zip(pairs, sigmas, strict=True):
+        assert_sigma_close(sigma, dense_sigma(a, b), torch.float64 if a.dtype == torch.float64 else torch.float32)

@@ -1,8 +1,9 @@
-"""Backend selection for lora_fast ops.
+"""Backend selection for lora_fast ops: the one dispatch point.
 
-``auto`` picks Triton for CUDA tensors (when Triton imports), the C++ extension ``lora_fast._C`` for CPU
-tensors (when it loaded), and the plain-PyTorch reference otherwise. ``LORA_FAST_BACKEND=ref|cpp|triton``
-forces one backend; a forced backend that cannot be loaded raises instead of silently falling back.
+``auto`` picks Triton for CUDA tensors (when Triton imports), the native library (``cpp``, see ``_native.py``) for
+CPU tensors (when it loaded), and the plain-PyTorch reference otherwise. ``LORA_FAST_BACKEND=ref|cpp|triton`` forces
+one backend: it raises when that backend cannot be loaded, or cannot run on the inputs' device (``cpp`` runs CPU
+tensors only; ``triton`` runs CUDA tensors, and CPU tensors only under its interpreter, ``TRITON_INTERPRET=1``).
 An op that has no implementation for the forced backend runs its reference path (documented per op).
 """
 
@@ -16,51 +17,38 @@ from types import ModuleType
 
 import torch
 
+from lora_fast.ops import _native
+
 BACKENDS = ("ref", "cpp", "triton")
 _ENV = "LORA_FAST_BACKEND"
-
-
-@functools.cache
-def _load_cpp() -> tuple[ModuleType | None, str]:
-    try:
-        module = importlib.import_module("lora_fast._C")
-    except Exception as exc:  # any load failure (missing .so, ABI mismatch) must not break the package
-        return None, f"{type(exc).__name__}: {exc}"
-    built = getattr(module, "torch_version", "")
-    if built and built.split("+")[0] != torch.__version__.split("+")[0]:
-        return None, f"lora_fast._C was built against torch {built} but torch {torch.__version__} is running"
-    return module, ""
 
 
 @functools.cache
 def _load_triton() -> tuple[ModuleType | None, str]:
     try:
         module = importlib.import_module("triton")
-    except Exception as exc:
+    except Exception as exc:  # any import failure (missing, broken install) must not break the package
         return None, f"{type(exc).__name__}: {exc}"
     return module, ""
 
 
 @functools.cache
-def _warn_cpp_missing_once(reason: str) -> None:
+def _warn_native_missing_once(reason: str) -> None:
     warnings.warn(
-        f"lora_fast: the C++ extension is not available ({reason}); using the PyTorch reference path. "
-        "Reinstall with `pip install --no-build-isolation .` to build it against the running torch.",
+        f"lora_fast: the native library is not available ({reason}); using the PyTorch reference path.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
-def cpp_module() -> ModuleType | None:
-    """The loaded ``lora_fast._C`` module, or None (with a one-time warning) when it failed to load."""
-    module, reason = _load_cpp()
-    if module is None:
-        _warn_cpp_missing_once(reason)
-    return module
+def native_reason() -> str:
+    """Why the native library did not load ("" when it did)."""
+    return _native.load()[1]
 
 
 def has_cpp() -> bool:
-    return _load_cpp()[0] is not None
+    """True when the native library (backend ``cpp``) loaded."""
+    return _native.available()
 
 
 def has_triton() -> bool:
@@ -68,7 +56,7 @@ def has_triton() -> bool:
 
 
 def available_backends() -> list[str]:
-    """Backends that can run in this process, in preference order of nothing in particular."""
+    """Backends that can run in this process."""
     return ["ref"] + (["cpp"] if has_cpp() else []) + (["triton"] if has_triton() else [])
 
 
@@ -80,10 +68,19 @@ def forced_backend() -> str | None:
     if name not in BACKENDS:
         raise ValueError(f"{_ENV}={name!r} is not one of {', '.join(BACKENDS)} or auto")
     if name == "cpp" and not has_cpp():
-        raise RuntimeError(f"{_ENV}=cpp but lora_fast._C is unavailable: {_load_cpp()[1]}")
+        raise RuntimeError(f"{_ENV}=cpp but lora_fast's native library is unavailable: {native_reason()}")
     if name == "triton" and not has_triton():
         raise RuntimeError(f"{_ENV}=triton but triton is unavailable: {_load_triton()[1]}")
     return name
+
+
+def _check_device(backend: str, device: torch.device) -> None:
+    if backend == "cpp" and device.type != "cpu":
+        raise RuntimeError(f"{_ENV}=cpp runs CPU tensors only; the inputs are on {device}")
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{_ENV}=triton on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1)")
+    if backend == "triton" and device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"{_ENV}=triton runs CUDA tensors; the inputs are on {device}")
 
 
 def select_backend(device: torch.device | str, implemented: tuple[str, ...]) -> str:
@@ -92,13 +89,21 @@ def select_backend(device: torch.device | str, implemented: tuple[str, ...]) -> 
     Args:
         device: where the op's inputs live.
         implemented: the backends this op has (always includes ``"ref"``).
+
+    Raises:
+        RuntimeError: the forced backend is unavailable or cannot run on ``device``.
     """
     device = torch.device(device)
     forced = forced_backend()
     if forced is not None:
-        return forced if forced in implemented else "ref"
+        if forced not in implemented:
+            return "ref"
+        _check_device(forced, device)
+        return forced
     if device.type == "cuda" and "triton" in implemented and has_triton():
         return "triton"
     if device.type == "cpu" and "cpp" in implemented:
-        return "cpp" if cpp_module() is not None else "ref"
+        if has_cpp():
+            return "cpp"
+        _warn_native_missing_once(native_reason())
     return "ref"
