@@ -40,6 +40,8 @@ def _editable_install() -> bool:
 
 
 _installed_package_first()
+# import-mode=importlib keeps test folders off sys.path; the shared test helpers (_adapter_cases.py) live here
+sys.path.append(str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
