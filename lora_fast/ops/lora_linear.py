@@ -85,13 +85,8 @@ def _backend_for(x: Tensor) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _choose_backend(device: torch.device, dtype: torch.dtype, forced: str | None, interpret: str | None) -> str:
-    backend = select_backend(device, _IMPLEMENTED)
-    if backend == "triton":
-        if dtype not in _TRITON_DTYPES:
-            return "ref"
-        if device.type == "cpu" and interpret != "1":
-            raise RuntimeError("LORA_FAST_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 (Triton interpreter)")
-    return backend
+    backend = select_backend(device, _IMPLEMENTED)  # raises for a forced backend that cannot run on ``device``
+    return "ref" if backend == "triton" and dtype not in _TRITON_DTYPES else backend
 
 
 def _forward_torch(
