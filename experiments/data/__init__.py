@@ -8,6 +8,10 @@ name               classes  examples                                         pro
                                                                              ``fortunes-min``
 ``fashion_mnist``  10       60,000 + 10,000 images 28x28                     Debian ``dataset-fashion-mnist``
 ``digits``         10       1,797 images 8x8                                 PyPI ``scikit-learn``
+``clipart``        67       6,424 clip-art images (RGB, ``size`` px; 22         Debian ``openclipart-png``
+                            classes with >= 40 images)
+``fashion_mnist_`` 10       Fashion-MNIST as RGB ``size`` px for the ViT        Debian ``dataset-fashion-mnist``
+``rgb``                     (``per_class`` images per class)
 =================  =======  ===============================================  ===========================
 
 Every loader returns a ``lora_fast.data.ClassificationData``; a missing corpus raises ``MissingDataError`` naming
@@ -29,8 +33,10 @@ __all__ = ["DATASETS", "MissingDataError", "load_dataset"]
 
 # name -> "module:function"; the function's keyword arguments pass through load_dataset
 DATASETS: dict[str, str] = {
+    "clipart": "experiments.data.clipart:load_clipart",
     "digits": "experiments.data.digits:load_digits",
     "fashion_mnist": "experiments.data.fashion_mnist:load_fashion_mnist",
+    "fashion_mnist_rgb": "experiments.data.clipart:load_fashion_mnist_rgb",
     "fortunes": "experiments.data.fortunes:load_fortunes",
     "wordnet": "experiments.data.wordnet:load_wordnet",
 }

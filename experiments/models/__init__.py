@@ -26,6 +26,7 @@ __all__ = ["CAUSAL_LMS", "CLASSIFIERS", "cache_dir", "load_causal_lm", "load_cla
 
 CLASSIFIERS: dict[str, str] = {
     "minilm": "experiments.models.minilm:load_minilm",
+    "dinov2_vits14": "experiments.models.dinov2:load_vit_classifier",
 }
 CAUSAL_LMS: dict[str, str] = {
     "smollm2": "experiments.models.smollm2:load_smollm2_layers",
@@ -34,8 +35,13 @@ CAUSAL_LMS: dict[str, str] = {
 
 
 def cache_dir() -> Path:
-    """Where converted models are cached: ``$LORA_FAST_CACHE`` or ``~/.cache/lora_fast``."""
-    return Path(os.environ.get("LORA_FAST_CACHE") or Path.home() / ".cache" / "lora_fast")
+    """Where converted models and decoded datasets are cached.
+
+    ``$LORA_FAST_CACHE`` if set, else ``$XDG_CACHE_HOME/lora_fast``, else ``~/.cache/lora_fast``.
+    """
+    if os.environ.get("LORA_FAST_CACHE"):
+        return Path(os.environ["LORA_FAST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora_fast"
 
 
 def _resolve(registry: dict[str, str], kind: str, name: str) -> Any:
