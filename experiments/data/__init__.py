@@ -29,7 +29,7 @@ from typing import Any
 
 from lora_fast.data import ClassificationData
 
-__all__ = ["DATASETS", "MissingDataError", "load_dataset"]
+__all__ = ["DATASETS", "MissingDataError", "dataset_options", "load_dataset"]
 
 # name -> "module:function"; the function's keyword arguments pass through load_dataset
 DATASETS: dict[str, str] = {
@@ -52,6 +52,25 @@ class MissingDataError(FileNotFoundError):
         super().__init__(f"{dataset}: no data found at {self.path}. Install it with: {install}")
 
 
+def _loader(name: str) -> Any:
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
+    module, function = DATASETS[name].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def dataset_options(name: str) -> list[str]:
+    """The keyword arguments the loader of ``name`` accepts (e.g. ``size`` and ``min_images`` for clip art).
+
+    Args:
+        name: one of ``DATASETS``.
+    """
+    import inspect
+
+    parameters = inspect.signature(_loader(name)).parameters.values()
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def load_dataset(name: str, **kwargs: Any) -> ClassificationData:
     """Load a corpus by name (see the table above).
 
@@ -59,7 +78,4 @@ def load_dataset(name: str, **kwargs: Any) -> ClassificationData:
         name: one of ``DATASETS``.
         kwargs: passed to the loader, e.g. ``root=`` to read from another folder.
     """
-    if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
-    module, function = DATASETS[name].split(":")
-    return getattr(importlib.import_module(module), function)(**kwargs)
+    return _loader(name)(**kwargs)

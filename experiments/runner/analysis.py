@@ -188,3 +188,35 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str
     """
     mean, half = mean_ci(list(values), confidence)
     return {"slope": mean, "slope_lo": mean - half, "slope_hi": mean + half, "n": len(values)}
+
+
+def depth_profile(layers: Sequence[int], values: Sequence[float]) -> dict[str, float]:
+    """Shape of one run's per-layer values over depth: ``slope`` (least squares per layer), ``curvature`` (the x²
+    coefficient of a quadratic fit; < 0 for a ∩ shape), ``middle_minus_ends`` (mean of the middle third of the
+    layers minus the mean of the first and last thirds: 0 for any straight line, > 0 for a bell) and ``peak`` (the
+    layer with the largest value).
+
+    Thirds split the sorted distinct layers into three runs of (nearly) equal length: 12 layers 4/4/4, 6 layers 2/2/2.
+
+    Args:
+        layers: layer index of each value.
+        values: one value per layer (e.g. an energy rank), per-layer means when a layer appears several times.
+    """
+    import numpy as np
+
+    nan = float("nan")
+    by_layer: dict[int, list[float]] = {}
+    for x, y in zip(layers, values, strict=True):
+        by_layer.setdefault(int(x), []).append(float(y))
+    xs = sorted(by_layer)
+    ys = [statistics.fmean(by_layer[x]) for x in xs]
+    out = {"slope": nan, "curvature": nan, "middle_minus_ends": nan, "peak": nan}
+    if len(xs) >= 2:
+        out["slope"] = float(np.polyfit(xs, ys, 1)[0])
+        out["peak"] = float(xs[max(range(len(xs)), key=ys.__getitem__)])
+    if len(xs) >= 3:
+        out["curvature"] = float(np.polyfit(xs, ys, 2)[0])
+        cut = [round(len(xs) * k / 3) for k in (1, 2)]
+        ends = ys[: cut[0]] + ys[cut[1] :]
+        out["middle_minus_ends"] = statistics.fmean(ys[cut[0] : cut[1]]) - statistics.fmean(ends)
+    return out

@@ -342,8 +342,9 @@ def default_config() -> SweepConfig:
 # One line for summary.md; the studies' dataclasses hold the numbers.
 DEFAULT_SCALE = (
     "CPU default: 6-layer MiniLM on WordNet glosses; study 1 with 5 class counts x 3 random class subsets, LoRA r=32, "
-    "controls; label noise to p=0.5 with repeats; sized to ~15 min on 2 cores. Not the published scale "
-    "(experiments/configs/paper_cpu.yaml is the closest this CPU allows)"
+    "controls; label noise to p=0.5 with repeats; plus a ViT slice (DINOv2 ViT-S/14 tuned for saliency, clip art at "
+    "56 px: 3 class counts x 2 subsets, label noise p in {0, 0.5} x 2); sized to ~15 min on 2 cores. Not the "
+    "published scale (experiments/configs/paper_cpu.yaml and paper_cpu_vision.yaml are the closest this CPU allows)"
 )
 
 

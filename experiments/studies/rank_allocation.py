@@ -46,9 +46,9 @@ class Config(_allocation.AllocationSettings):
             raise ConfigError(f"n_classes must be >= 2, got {self.n_classes}")
 
 
-def plan(config: SweepConfig) -> list[RunSpec]:
+def plan(config: SweepConfig, name: str = NAME) -> list[RunSpec]:
     """One run per (strategy, seed)."""
-    return _allocation.plan_runs(config, NAME, "classification")
+    return _allocation.plan_runs(config, name, "classification")
 
 
 def execute(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
@@ -56,6 +56,6 @@ def execute(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     return _allocation.execute(spec, ctx)
 
 
-def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path) -> str:
+def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path, name: str = NAME) -> str:
     """Accuracy table, efficiency frontier and per-layer ranks (``_allocation.report_runs``)."""
-    return _allocation.report_runs(rows, config.section(NAME), outdir, NAME)
+    return _allocation.report_runs(rows, config.section(name), outdir, name)
