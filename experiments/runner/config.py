@@ -43,7 +43,7 @@ class ConfigError(ValueError):
 # the invocation, max_length from the study's model section.
 RUNNER_SET_TRAIN_FIELDS = ("seed", "device", "progress", "max_length")
 # keys of a LoRA section that are not TrainConfig fields: what lora_fast.inject receives
-LORA_KEYS = {"targets": list[str], "r": int, "alpha": float, "dropout": float}
+LORA_KEYS = {"targets": list[str], "r": int, "alpha": float, "dropout": float, "use_rslora": bool}
 
 
 class TrainSettings(dict):
@@ -51,7 +51,8 @@ class TrainSettings(dict):
 
 
 class LoraSettings(TrainSettings):
-    """``TrainSettings`` plus the adapter's ``targets``, ``r``, ``alpha`` and ``dropout`` (``lora_fast.inject``)."""
+    """``TrainSettings`` plus the adapter's ``targets``, ``r``, ``alpha``, ``dropout`` and ``use_rslora``
+    (``lora_fast.inject``)."""
 
 
 @dataclasses.dataclass(frozen=True)

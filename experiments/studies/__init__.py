@@ -52,6 +52,7 @@ STUDIES: dict[str, str] = {
     "lora_vs_full": "experiments.studies.lora_vs_full",
     "rank_allocation": "experiments.studies.rank_allocation",
     "rank_allocation_causal_lm": "experiments.studies.rank_allocation_causal_lm",
+    "rank_prediction": "experiments.studies.rank_prediction",
 }
 
 # what `python experiments/run.py` runs with no --config: studies 1-3 with their controls on the text model, and a

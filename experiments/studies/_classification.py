@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from experiments.runner.config import LORA_KEYS
 from experiments.runner.config import ConfigError
 from experiments.runner.config import LoraSettings
 from experiments.runner.config import ModelSettings
@@ -307,19 +308,23 @@ def run_classification(params: dict[str, Any], ctx: RunContext) -> dict[str, Any
     from lora_fast.train import train
 
     seed = params["seed"]
+    # "train_seed" (optional) repeats training on the same task: classes, examples and noise follow "seed"
+    train_seed = params.get("train_seed", seed)
     train_set, eval_set = task_data(params, ctx)
     noisy = sampling.add_label_noise(train_set, params["noise"], seed) if params["noise"] else train_set
 
     m = ModelSettings(**params["model"])
-    model, tokenizer = ctx.classifier(m, train_set.num_classes, seed)
+    model, tokenizer = ctx.classifier(m, train_set.num_classes, train_seed)
     settings = dict(params["train"])
-    adapter = {k: settings.pop(k) for k in ("targets", "r", "alpha", "dropout") if k in settings}
+    adapter = {k: settings.pop(k) for k in LORA_KEYS if k in settings}
     if params["kind"] == "lora":
-        torch.manual_seed(seed)  # LoRA's A init draws from the global RNG: same seed, same adapters, any run order
+        torch.manual_seed(train_seed)  # LoRA's A init draws from the global RNG: same seed, same adapters, any order
         model = lora_fast.inject(model, resolve_targets(model, adapter["targets"]), r=adapter["r"],
                                  alpha=adapter["alpha"], dropout=adapter.get("dropout", 0.0),
+                                 use_rslora=adapter.get("use_rslora", False),
                                  modules_to_save=["classifier"])  # fmt: skip
-    config = TrainConfig(seed=seed, max_length=m.max_length, device=ctx.device, progress=ctx.progress, **settings)
+    config = TrainConfig(seed=train_seed, max_length=m.max_length, device=ctx.device, progress=ctx.progress,
+                         **settings)  # fmt: skip
     result = train(model, noisy, eval_set, config, tokenizer=tokenizer)
     out = result.as_dict()
     loss = out.pop("train_loss")
@@ -335,7 +340,7 @@ def run_classification(params: dict[str, Any], ctx: RunContext) -> dict[str, Any
         float(evaluate(model, noisy.select(changed), config, tokenizer)["accuracy"]) if changed.numel() else None
     )
     if params["kind"] == "lora":
-        controls = _untrained_controls(model, config.energy_threshold, seed)
+        controls = _untrained_controls(model, config.energy_threshold, train_seed)
         for record in out["adapters"]:
             record.update(controls.get(record["name"], {}))
     return out
