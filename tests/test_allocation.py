@@ -326,3 +326,16 @@ def test_suggest_ranks_quantile_scale_cap_and_bad_arguments():
     for bad, match in bad_arguments:
         with pytest.raises(ValueError, match=match):
             al.suggest_ranks(model, data, ["0"], train_config=config, probe_steps=1, **bad)
+
+
+def test_warmup_reallocation_fits_a_given_budget():
+    torch.manual_seed(0)
+    model = inject(tiny_bert(), TARGETS, r=4, alpha=8)
+    targets = al.adapter_targets(model)
+    budget = al.lora_param_count(targets, al.uniform(targets, 3))
+    done = al.reallocate(model, None, "warmup", budget=budget, r_min=1, r_max=8, batches=[batch(10), batch(11)])
+    spent = al.lora_param_count(targets, done.pattern)
+    # fitted to the budget (within one rank of the widest module), unlike the linear map to [r_min, r_max]
+    assert budget - max(t.params_per_rank() for t in targets) < spent <= budget
+    top = max(done.scores, key=done.scores.get)
+    assert done.pattern[top] == max(done.pattern.values())  # ranks follow the scores

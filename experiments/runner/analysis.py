@@ -312,3 +312,24 @@ def units_needed(sd: float, difference: float, confidence: float = 0.95, power: 
     while n < cap and detectable_difference(sd, n, confidence, power) > difference:
         n += 1
     return n
+
+
+def difference_verdict(difference: Mapping[str, float], margin: float) -> str:
+    """Call a paired difference (``paired_difference``) of a metric where higher is better: ``better`` or ``worse``
+    when its interval excludes 0, ``equivalent (within ±margin)`` when the interval lies inside (−margin, margin),
+    else ``inconclusive``.
+
+    Args:
+        difference: a ``paired_difference`` result (``slope_lo``/``slope_hi``).
+        margin: the difference that matters (e.g. 0.02 for two accuracy points).
+    """
+    lo, hi = difference["slope_lo"], difference["slope_hi"]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "inconclusive (too few units for an interval)"
+    if lo > 0:
+        return "better"
+    if hi < 0:
+        return "worse"
+    if -margin < lo and hi < margin:
+        return f"equivalent (within ±{margin:g})"
+    return "inconclusive"

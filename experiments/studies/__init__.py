@@ -53,6 +53,8 @@ STUDIES: dict[str, str] = {
     "rank_allocation": "experiments.studies.rank_allocation",
     "rank_allocation_causal_lm": "experiments.studies.rank_allocation_causal_lm",
     "rank_prediction": "experiments.studies.rank_prediction",
+    "allocation_paired": "experiments.studies.allocation_paired",
+    "allocation_paired_vit": "experiments.studies.allocation_paired:VitConfig",
 }
 
 # what `python experiments/run.py` runs with no --config: studies 1-3 with their controls on the text model, and a

@@ -264,7 +264,8 @@ def reallocate(
     ``method="energy"``: ranks proportional to each adapter's energy rank after the probe
     (``lora_fast.energy_rank.analyze``), fitted to ``budget`` by ``strategies.energy_guided``/``fit_budget``.
     ``method="warmup"``: score = α·normalised ‖∂L/∂W‖ (on ``batches``) + β·normalised ‖ΔW‖/‖W‖, mapped linearly to
-    [r_min, r_max] (``strategies.scores_to_ranks``; not budget-matched, as the warm-up importance rule defines it).
+    [r_min, r_max] (``strategies.scores_to_ranks``, as the warm-up importance rule defines it), or, when ``budget``
+    is given, ranks proportional to the scores fitted to it (``fit_budget``), for comparisons at equal budget.
     Each adapter is then re-factored to its new rank from the truncated SVD of its update (``resize_adapters``),
     so what the probe learned is kept up to the truncation. Optimizer state for the old factors is meaningless
     afterwards: continue with a fresh optimizer.
@@ -273,7 +274,8 @@ def reallocate(
         model: a model with ``lora_fast.LoraLinear`` adapters (typically uniform rank).
         probe: trains ``model`` in place for a few steps; None when it is already trained.
         method: ``"energy"`` or ``"warmup"``.
-        budget: LoRA parameter budget Σ r·(k+n); default the adapters' current count (same cost as the probe).
+        budget: LoRA parameter budget Σ r·(k+n); default the adapters' current count (same cost as the probe) for
+            ``"energy"``; ``"warmup"`` fits to it only when it is given.
         r_min: smallest rank any module gets.
         r_max: largest rank any module gets.
         threshold: energy share of the energy rank.
@@ -288,6 +290,7 @@ def reallocate(
     if not targets:
         raise ValueError("reallocate: the model has no lora_fast adapters (run lora_fast.inject first)")
     current = {name: layer.r for name, layer in _lora_layers(model).items()}
+    fit_warmup = budget is not None
     budget = lora_param_count(targets, current) if budget is None else int(budget)
     probe_result = probe(model) if probe is not None else None
     start = time.perf_counter()
@@ -300,6 +303,9 @@ def reallocate(
         if batches is None:
             raise ValueError("reallocate(method='warmup') needs gradient batches")
         scores = importance_scores(gradient_norms(model, batches, loss_fn), weight_changes(model), alpha, beta)
-        pattern = scores_to_ranks(scores, r_min, r_max)
+        if fit_warmup:
+            pattern = fit_budget(targets, scores, budget, r_min, r_max)
+        else:
+            pattern = scores_to_ranks(scores, r_min, r_max)
     resize_adapters(model, pattern)
     return Reallocation(method, pattern, scores, budget, probe_result, time.perf_counter() - start)
