@@ -171,6 +171,7 @@ def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path, name: 
           *[statistics.fmean(controls[k][layer]) if controls[k][layer] else "n/a" for k in kinds]] for layer in layers],
     )  # fmt: skip
     trends = shape_trends(rows)
+    profiles = per_run_profiles(rows)
     verdicts = {k: shape_verdicts(t) for k, t in trends.items()}
     table += (
         "\n## Shape over depth (one profile per run; mean [95% CI] over runs)\n\n"
@@ -182,7 +183,7 @@ def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path, name: 
     table += markdown_table(
         ["matrix", "slope per layer", "runs with slope < 0", "middle − ends", "curvature", "mean peak layer",
          "falls with depth?", "bell-shaped?"],
-        [[k, interval(t["slope"]), f"{sum(p['slope'] < 0 for p in per_run_profiles(rows)[k])}/{t['slope']['n']}",
+        [[k, interval(t["slope"]), f"{sum(p['slope'] < 0 for p in profiles[k])}/{t['slope']['n']}",
           interval(t["middle_minus_ends"], 2), interval(t["curvature"], 4), f"{t['peak']['mean']:.1f}",
           verdicts[k]["falling"], verdicts[k]["bell"]] for k, t in trends.items()],
     )  # fmt: skip
