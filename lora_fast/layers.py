@@ -11,6 +11,7 @@ from torch import nn
 
 from lora_fast.ops.lora_linear import autocast_dtype
 from lora_fast.ops.lora_linear import lora_linear
+from lora_fast.peft_rules import lora_scaling
 
 __all__ = ["LoraLinear", "as_linear", "is_conv1d"]
 
@@ -83,7 +84,7 @@ class LoraLinear(nn.Module):
         self.r = r
         self.lora_alpha = float(lora_alpha)
         self.use_rslora = use_rslora
-        self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling = lora_scaling(self.lora_alpha, r, use_rslora)
         self.dropout = float(dropout)
         self.merged = False
         # half-precision bases get fp32 factors, the master weights AdamW updates (PEFT's autocast_adapter_dtype)

@@ -263,3 +263,79 @@ def test_reallocate_probes_scores_and_resizes_in_one_call(method):
         al.reallocate(inject(tiny_bert(), TARGETS, r=4), None, "warmup")
     with pytest.raises(ValueError, match="no lora_fast adapters"):
         al.reallocate(tiny_bert(), None)
+
+
+# ---------------------------------------------------------------- suggest_ranks
+
+
+def _teacher_task(classes: int, seed: int = 0) -> tuple[torch.nn.Module, object]:
+    """A frozen 32 -> 32 layer under a frozen random head; labels come from a random C-way linear teacher, so the
+    adapter on the layer must learn about C - 1 directions (the head cannot: it is frozen)."""
+    from lora_fast.data import ClassificationData
+
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, classes))
+    x = torch.randn(512, 32, generator=gen)
+    labels = (x @ torch.randn(32, classes, generator=gen)).argmax(dim=1)
+    return model, ClassificationData("teacher", labels, tuple(map(str, range(classes))), inputs=x)
+
+
+def test_suggest_ranks_follows_the_task_and_leaves_the_model_alone():
+    from lora_fast.train import TrainConfig
+
+    config = TrainConfig(lr=1e-2, batch_size=64, progress=False, device="cpu", precision="fp32", seed=0)
+    found = {}
+    for classes in (2, 12):
+        model, data = _teacher_task(classes)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        found[classes] = al.suggest_ranks(model, data, ["0"], train_config=config, probe_rank=16, probe_steps=60)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the probe trained a copy
+        assert not lora_modules(model)
+    small, large = found[2], found[12]
+    assert list(small.energy_ranks) == ["0"] and small.probe_steps == 60 and small.probe_metrics["steps"] == 60
+    # a 2-way teacher needs ~1 direction of the layer, a 12-way one ~11
+    assert small.energy_ranks["0"] < large.energy_ranks["0"]
+    for s in (small, large):
+        assert s.rank == al.round_rank(s.energy_ranks["0"]) and s.rank_pattern == {"0": s.rank}
+        assert s.rank & (s.rank - 1) == 0 and s.uniform_estimate == s.energy_ranks["0"]
+        assert "suggested uniform rank" in s.evidence()
+
+
+def test_suggest_ranks_quantile_scale_cap_and_bad_arguments():
+    from lora_fast.train import TrainConfig
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+    _, data = _teacher_task(3)
+    data = type(data)("teacher", data.labels[:64], data.class_names, inputs=data.inputs[:64, :8])
+    config = TrainConfig(lr=1e-2, batch_size=16, progress=False, device="cpu", precision="fp32")
+    capped = al.suggest_ranks(model, data, ["0", "2"], train_config=config, probe_rank=1, probe_steps=2)
+    assert capped.capped == ["0", "2"] and capped.rank == 1 and "probe again" in capped.evidence()
+    s = al.suggest_ranks(model, data, ["0", "2"], train_config=config, probe_rank=8, probe_steps=4, quantile=1.0,
+                         scale=0.5, r_min=2, modules_to_save=["3"])  # fmt: skip
+    assert s.uniform_estimate == 0.5 * max(s.energy_ranks.values())
+    assert all(2 <= r <= 8 and r == al.round_rank(0.5 * s.energy_ranks[n], 2, 8) for n, r in s.rank_pattern.items())
+    assert [al.round_rank(v) for v in (0.2, 1, 1.5, 2, 3, 64)] == [1, 1, 2, 2, 4, 64]
+    assert al.round_rank(65, 1, 64) == 64 and al.round_rank(1, 4) == 4
+    bad_arguments = (
+        ({"probe_rank": 0}, "probe_rank"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"quantile": -0.1}, "quantile"),
+        ({"scale": 0.0}, "scale"),
+        ({"r_min": 9, "r_max": 4}, "r_min"),
+    )
+    for bad, match in bad_arguments:
+        with pytest.raises(ValueError, match=match):
+            al.suggest_ranks(model, data, ["0"], train_config=config, probe_steps=1, **bad)
+
+
+def test_warmup_reallocation_fits_a_given_budget():
+    torch.manual_seed(0)
+    model = inject(tiny_bert(), TARGETS, r=4, alpha=8)
+    targets = al.adapter_targets(model)
+    budget = al.lora_param_count(targets, al.uniform(targets, 3))
+    done = al.reallocate(model, None, "warmup", budget=budget, r_min=1, r_max=8, batches=[batch(10), batch(11)])
+    spent = al.lora_param_count(targets, done.pattern)
+    # fitted to the budget (within one rank of the widest module), unlike the linear map to [r_min, r_max]
+    assert budget - max(t.params_per_rank() for t in targets) < spent <= budget
+    top = max(done.scores, key=done.scores.get)
+    assert done.pattern[top] == max(done.pattern.values())  # ranks follow the scores

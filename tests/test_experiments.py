@@ -106,7 +106,7 @@ def test_end_to_end_sweep_writes_tables_plots_and_controls(tiny_config: Path, tm
 
 def test_resume_after_interrupt_never_redoes_a_run(tiny_config: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "out"
-    study = get_study("rank_vs_classes")
+    study = get_study("rank_vs_classes").module
     real_execute = study.execute
     calls: list[str] = []
 
@@ -166,7 +166,7 @@ def test_damaged_run_file_is_named_and_run_again(tiny_config: Path, tmp_path: Pa
 
 def test_failed_run_is_recorded_and_retried(tiny_config: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "out"
-    study = get_study("label_noise")
+    study = get_study("label_noise").module
     real_execute = study.execute
 
     def flaky(spec, ctx):
@@ -232,13 +232,19 @@ def test_registry_and_plans() -> None:
     from experiments.studies import STUDIES
 
     for name in STUDIES:
-        module = get_study(name)
-        assert module.NAME == name and callable(module.plan) and callable(module.execute) and callable(module.report)
-        module.Config()  # every study's defaults are valid
+        study = get_study(name)
+        module = study.module
+        assert callable(module.plan) and callable(module.execute) and callable(module.report)
+        assert study.name == name and issubclass(study.Config, module.Config) and study.summary
+        assert (module.NAME == name) == (study.Config is module.Config)  # a variant is registered under its own name
+        study.Config()  # every study's defaults are valid
     config = load_config()
     per_study, specs = cli.plan_all(config)
-    ids = {s.run_id for s in per_study["rank_vs_classes"]}
-    assert {s.run_id for s in per_study["layerwise"]} <= ids  # layerwise reuses study 1's LoRA runs
+    for sweep, layers in (("rank_vs_classes", "layerwise"), ("rank_vs_classes_vit", "layerwise_vit")):
+        ids = {s.run_id for s in per_study[sweep]}
+        assert {s.run_id for s in per_study[layers]} <= ids  # layerwise reuses study 1's LoRA runs
+    vit = [s for name, specs in per_study.items() if name.endswith("_vit") for s in specs]
+    assert vit and all(s.params["model"]["name"] == "dinov2_vits14" and s.params["dataset"] == "clipart" for s in vit)
     assert len({s.run_id for s in specs}) == len(specs)
     assert cli.plan_all(load_config())[1] == specs  # ids are stable
 
@@ -248,7 +254,7 @@ def test_no_study_imports_another() -> None:
 
     from experiments.studies import STUDIES
 
-    studies = {path.split(".")[-1] for path in STUDIES.values()}
+    studies = {path.partition(":")[0].split(".")[-1] for path in STUDIES.values()}
     for name in studies:
         tree = ast.parse((ROOT / "experiments" / "studies" / f"{name}.py").read_text())
         imported = set()

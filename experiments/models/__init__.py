@@ -22,10 +22,20 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CAUSAL_LMS", "CLASSIFIERS", "cache_dir", "load_causal_lm", "load_classifier", "with_new_head"]
+__all__ = [
+    "CAUSAL_LMS",
+    "CLASSIFIERS",
+    "TARGET_ALIASES",
+    "cache_dir",
+    "load_causal_lm",
+    "load_classifier",
+    "resolve_targets",
+    "with_new_head",
+]
 
 CLASSIFIERS: dict[str, str] = {
     "minilm": "experiments.models.minilm:load_minilm",
+    "dinov2_vits14": "experiments.models.dinov2:load_vit_classifier",
 }
 CAUSAL_LMS: dict[str, str] = {
     "smollm2": "experiments.models.smollm2:load_smollm2_layers",
@@ -33,9 +43,46 @@ CAUSAL_LMS: dict[str, str] = {
 }
 
 
+# the same projection under the names of BERT-style models (and transformers 4.x ViTs) and of LLaMA-style ones (and
+# transformers >= 5 ViTs: Dinov2's attention was renamed query/key/value/output.dense -> q_proj/k_proj/v_proj/o_proj)
+TARGET_ALIASES: dict[str, str] = {
+    "query": "q_proj",
+    "key": "k_proj",
+    "value": "v_proj",
+    "attention.output.dense": "o_proj",
+}
+
+
+def resolve_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> list[str]:
+    """``targets`` in the naming of ``model``: an entry that selects no module but whose alias (``TARGET_ALIASES``,
+    either direction) does is replaced by the alias, so one study configuration serves both naming conventions.
+
+    Args:
+        model: the model the adapters go into.
+        targets: module-name suffixes (PEFT's list semantics).
+    """
+    from lora_fast.peft_rules import matches_target
+
+    names = [name for name, _ in model.named_modules()]
+    aliases = {**TARGET_ALIASES, **{v: k for k, v in TARGET_ALIASES.items()}}
+    out = []
+    for target in targets:
+        alias = aliases.get(target)
+        if alias is not None and not any(matches_target(n, [target]) for n in names):
+            if any(matches_target(n, [alias]) for n in names):
+                target = alias
+        out.append(target)
+    return out
+
+
 def cache_dir() -> Path:
-    """Where converted models are cached: ``$LORA_FAST_CACHE`` or ``~/.cache/lora_fast``."""
-    return Path(os.environ.get("LORA_FAST_CACHE") or Path.home() / ".cache" / "lora_fast")
+    """Where converted models and decoded datasets are cached.
+
+    ``$LORA_FAST_CACHE`` if set, else ``$XDG_CACHE_HOME/lora_fast``, else ``~/.cache/lora_fast``.
+    """
+    if os.environ.get("LORA_FAST_CACHE"):
+        return Path(os.environ["LORA_FAST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora_fast"
 
 
 def _resolve(registry: dict[str, str], kind: str, name: str) -> Any:

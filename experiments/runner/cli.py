@@ -15,6 +15,7 @@ from datetime import timezone
 from pathlib import Path
 from typing import Any
 
+from experiments.data import MissingDataError
 from experiments.runner.config import ConfigError
 from experiments.runner.config import SweepConfig
 from experiments.runner.config import config_from_dict
@@ -40,9 +41,10 @@ RESULTS_ROOT = Path(__file__).resolve().parents[1] / "results"
 DESCRIPTION = """\
 Reproduce the LoRA intrinsic-rank studies offline.
 
-With no arguments, runs the embedded default: studies 1-3 with their controls, sized to about 15 minutes on a 2-core
-CPU (see the 'scale' line it prints). Bigger configurations come from --config (YAML or JSON, applied over the
-default; see experiments/configs/, e.g. paper_cpu.yaml). Unknown or misspelt keys are errors.
+With no arguments, runs the embedded default: studies 1-3 with their controls on a text model (MiniLM, WordNet) and a
+small slice of the same studies on a ViT (DINOv2 ViT-S/14, clip art), sized to about 15 minutes on a 2-core CPU (see
+the 'scale' line it prints). Bigger configurations come from --config (YAML or JSON, applied over the default; see
+experiments/configs/, e.g. paper_cpu.yaml, paper_cpu_vision.yaml). Unknown or misspelt keys are errors.
 
 Studies (registered in experiments/studies/__init__.py):
 {studies}
@@ -65,9 +67,7 @@ Each run is claimed with a file lock while it trains, so no run is trained twice
 
 
 def _parser() -> argparse.ArgumentParser:
-    studies = "\n".join(
-        f"  {name:<26} {textwrap.shorten((get_study(name).__doc__ or '').splitlines()[0], 96)}" for name in STUDIES
-    )
+    studies = "\n".join(f"  {name:<26} {textwrap.shorten(get_study(name).summary, 96)}" for name in STUDIES)
     p = argparse.ArgumentParser(
         prog="python experiments/run.py",
         description=DESCRIPTION.format(studies=studies),
@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         per_study, specs = plan_all(config)
     except (ConfigError, ValueError) as exc:
         raise SystemExit(f"configuration error: {exc}") from None
+    except MissingDataError as exc:  # a study's corpus is read while planning (its class counts)
+        raise SystemExit(f"missing data: {exc} (or leave its studies out with --studies)") from None
     wanted = {s.run_id for name in run_now for s in per_study[name]}
     todo = [s for s in specs if s.run_id in wanted]
     if shard is not None:

@@ -43,7 +43,7 @@ class ConfigError(ValueError):
 # the invocation, max_length from the study's model section.
 RUNNER_SET_TRAIN_FIELDS = ("seed", "device", "progress", "max_length")
 # keys of a LoRA section that are not TrainConfig fields: what lora_fast.inject receives
-LORA_KEYS = {"targets": list[str], "r": int, "alpha": float, "dropout": float}
+LORA_KEYS = {"targets": list[str], "r": int, "alpha": float, "dropout": float, "use_rslora": bool}
 
 
 class TrainSettings(dict):
@@ -51,7 +51,8 @@ class TrainSettings(dict):
 
 
 class LoraSettings(TrainSettings):
-    """``TrainSettings`` plus the adapter's ``targets``, ``r``, ``alpha`` and ``dropout`` (``lora_fast.inject``)."""
+    """``TrainSettings`` plus the adapter's ``targets``, ``r``, ``alpha``, ``dropout`` and ``use_rslora``
+    (``lora_fast.inject``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,8 +343,9 @@ def default_config() -> SweepConfig:
 # One line for summary.md; the studies' dataclasses hold the numbers.
 DEFAULT_SCALE = (
     "CPU default: 6-layer MiniLM on WordNet glosses; study 1 with 5 class counts x 3 random class subsets, LoRA r=32, "
-    "controls; label noise to p=0.5 with repeats; sized to ~15 min on 2 cores. Not the published scale "
-    "(experiments/configs/paper_cpu.yaml is the closest this CPU allows)"
+    "controls; label noise to p=0.5 with repeats; plus a ViT slice (DINOv2 ViT-S/14 tuned for saliency, clip art at "
+    "56 px: 3 class counts x 2 subsets, label noise p in {0, 0.5} x 2); sized to ~15 min on 2 cores. Not the "
+    "published scale (experiments/configs/paper_cpu.yaml and paper_cpu_vision.yaml are the closest this CPU allows)"
 )
 
 

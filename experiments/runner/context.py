@@ -8,7 +8,9 @@ deep copy takes 0.2-0.4 s, the first load in a fresh process 20 s (imports, cold
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,10 @@ from torch import nn
 
 from experiments.runner.config import ModelSettings
 from experiments.runner.config import SweepConfig
+
+
+def _key(options: Mapping[str, Any]) -> str:
+    return json.dumps(dict(options), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -64,28 +70,33 @@ class RunContext:
             self._cache[key] = factory()
         return self._cache[key]
 
-    def dataset(self, name: str) -> Any:
-        """A corpus of ``experiments.data`` (loaded once).
+    def dataset(self, name: str, options: Mapping[str, Any] | None = None) -> Any:
+        """A corpus of ``experiments.data`` (loaded once per name and options).
 
         Args:
             name: a key of ``experiments.data.DATASETS``.
+            options: keyword arguments of its loader (e.g. ``{"size": 112}`` for clip art).
         """
         from experiments.data import load_dataset
 
-        return self.cached(("data", name), lambda: load_dataset(name))
+        options = dict(options or {})
+        return self.cached(("data", name, _key(options)), lambda: load_dataset(name, **options))
 
-    def dataset_split(self, name: str, test_fraction: float, seed: int) -> tuple[Any, Any]:
+    def dataset_split(
+        self, name: str, test_fraction: float, seed: int, options: Mapping[str, Any] | None = None
+    ) -> tuple[Any, Any]:
         """``(train_pool, test_pool)``: a stratified split of a corpus, cached.
 
         Args:
             name: corpus name.
             test_fraction: held-out share per class.
             seed: split seed.
+            options: keyword arguments of its loader.
         """
         from experiments.data.sampling import train_test_split
 
-        key = ("split", name, test_fraction, seed)
-        return self.cached(key, lambda: train_test_split(self.dataset(name), test_fraction, seed))
+        key = ("split", name, _key(options or {}), test_fraction, seed)
+        return self.cached(key, lambda: train_test_split(self.dataset(name, options), test_fraction, seed))
 
     def classifier(self, model: ModelSettings, num_labels: int, seed: int) -> tuple[nn.Module, Any]:
         """A fresh copy of a registered classifier with a new ``num_labels`` head drawn from ``seed``, and its

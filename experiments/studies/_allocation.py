@@ -26,6 +26,7 @@ With one seed nothing is called.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import time
@@ -111,6 +112,9 @@ class AllocationSettings:
         strategies: which of ``STRATEGIES`` to run.
         seeds: training seeds (the data sample is fixed by the global ``seed``).
         probe_steps: steps of the probe of probe-based strategies (part of ``train.max_steps``).
+        match_budget: fit every non-uniform strategy (linear decay, attention-heavy, empirical, the per-layer list,
+            warm-up importance) to the parameter budget of uniform ``energy.budget_rank``, keeping its shape (ranks
+            proportional to the strategy's own), so every strategy trains the same number of LoRA parameters.
         alpha: LoRA alpha of every strategy.
         custom_ranks: JSON file of per-layer ranks for ``custom`` (relative to experiments/configs, or a path).
         train: ``TrainConfig`` fields; ``max_steps`` is every strategy's whole step budget.
@@ -128,6 +132,7 @@ class AllocationSettings:
     strategies: tuple[str, ...] = STRATEGIES
     seeds: tuple[int, ...] = (0, 1)
     probe_steps: int = 9
+    match_budget: bool = False
     alpha: float = 16.0
     custom_ranks: str = "rank_allocation_layers_6.json"
     train: TrainSettings = dataclasses.field(default_factory=_default_train)
@@ -144,6 +149,38 @@ class AllocationSettings:
                               f"{self.train['max_steps']}")  # fmt: skip
         if not self.seeds:
             raise ConfigError("seeds: need at least one seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierAllocation(AllocationSettings):
+    """``AllocationSettings`` plus the classification data (one class subset drawn from the global seed).
+
+    Args:
+        dataset: a corpus of ``experiments.data.DATASETS``.
+        dataset_options: keyword arguments of its loader (e.g. ``{size: 56}`` for clip art).
+        test_fraction: share of each class held out as the evaluation pool.
+        min_per_class: only classes with at least this many examples are drawn.
+        n_classes: classes of the task.
+    """
+
+    dataset: str = "wordnet"
+    dataset_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    test_fraction: float = 0.2
+    min_per_class: int = 500
+    n_classes: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from experiments.data import DATASETS
+        from experiments.data import dataset_options
+
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"dataset: unknown {self.dataset!r}; available: {', '.join(sorted(DATASETS))}")
+        unknown = [k for k in self.dataset_options if k not in dataset_options(self.dataset)]
+        if unknown:
+            raise ConfigError(f"dataset_options: {self.dataset} has no option {unknown[0]!r}")
+        if self.n_classes < 2:
+            raise ConfigError(f"n_classes must be >= 2, got {self.n_classes}")
 
 
 def plan_runs(config: SweepConfig, name: str, task: str) -> list[RunSpec]:
@@ -181,7 +218,7 @@ def json_roundtrip(value: Any) -> Any:
 def _classification_data(params: dict[str, Any], ctx: RunContext) -> tuple[Any, Any]:
     from experiments.data import sampling
 
-    train_pool, test_pool = ctx.dataset_split(params["dataset"], params["test_fraction"], 0)
+    train_pool, test_pool = ctx.dataset_split(params["dataset"], params["test_fraction"], 0, params["dataset_options"])
     counts = train_pool.class_counts() + test_pool.class_counts()
     eligible = [c for c, k in enumerate(counts.tolist()) if k >= params["min_per_class"]]
     classes = sampling.sample_class_subsets(eligible, params["n_classes"], 1, params["data_seed"])[0]
@@ -203,9 +240,11 @@ def _setup(params: dict[str, Any], ctx: RunContext, seed: int) -> tuple[nn.Modul
             lambda: load_chitchat_pairs(params["train_size"], params["eval_size"], seed=params["data_seed"]),
         )
         return model, tokenizer, [chatml(p) for p in train_pairs], [chatml(p) for p in eval_pairs]
-    keys = ("dataset", "test_fraction", "min_per_class", "n_classes", "train_size", "eval_size", "data_seed")
+    keys = ("dataset", "dataset_options", "test_fraction", "min_per_class", "n_classes", "train_size", "eval_size",
+            "data_seed")  # fmt: skip
     train_set, eval_set = ctx.cached(
-        ("allocation_data", *(params[k] for k in keys)), lambda: _classification_data(params, ctx)
+        ("allocation_data", json.dumps([params[k] for k in keys], sort_keys=True)),
+        lambda: _classification_data(params, ctx),
     )
     model, tokenizer = ctx.classifier(m, params["n_classes"], seed)
     return model, tokenizer, train_set, eval_set
@@ -228,17 +267,25 @@ def _device(ctx: RunContext) -> torch.device:
 
 def _gradient_batches(
     params: dict[str, Any], tokenizer: Any, train_data: Any, device: torch.device
-) -> list[dict[str, torch.Tensor]]:
-    """``warmup.batches`` random training batches (fixed by the run seed) as ``model(**batch)`` inputs with labels.
+) -> tuple[list[dict[str, torch.Tensor]], Any]:
+    """(``warmup.batches`` random training batches (fixed by the run seed) as ``model(**batch)`` inputs, the loss
+    function of ``gradient_norms``: None when the batches carry labels the model turns into ``output.loss``).
 
     Random, not the first ones: ``balanced_subset`` stores the examples class by class.
     """
     size, count = params["train"]["batch_size"], params["warmup"]["batches"]
     order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(params["seed"]))
+    classification = params["task"] == "classification"
+    if classification and getattr(train_data, "inputs", None) is not None:
+        # a model of tensors (the ViT) returns logits: the loss takes each batch's labels, in the order
+        # gradient_norms consumes the batches (once each)
+        parts = [order[i * size : (i + 1) * size] for i in range(count)]
+        labels = iter([train_data.labels[part].to(device) for part in parts])
+        batches = [{"x": train_data.inputs[part].to(device)} for part in parts]
+        return batches, lambda logits: torch.nn.functional.cross_entropy(logits.float(), next(labels))
     batches = []
     for i in range(count):
         part = order[i * size : (i + 1) * size].tolist()
-        classification = params["task"] == "classification"
         texts = [train_data.texts[j] if classification else train_data[j] for j in part]
         enc = tokenizer(texts, truncation=True, max_length=params["model"]["max_length"], padding=True,
                         return_tensors="pt")  # fmt: skip
@@ -247,10 +294,22 @@ def _gradient_batches(
         else:
             labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         batches.append({**{k: v.to(device) for k, v in enc.items()}, "labels": labels.to(device)})
-    return batches
+    return batches, None
 
 
 def _fixed_pattern(strategy: str, targets: Sequence[Any], params: dict[str, Any]) -> dict[str, int]:
+    """The strategy's pattern; with ``match_budget``, a non-uniform one is refitted (same shape) to the budget."""
+    from lora_fast import allocation
+
+    pattern = _shape_pattern(strategy, targets, params)
+    if params.get("match_budget") and strategy not in ("uniform8", "uniform16", *PROBED):
+        budget = allocation.lora_param_count(targets, allocation.uniform(targets, params["energy"]["budget_rank"]))
+        pattern = allocation.fit_budget(targets, {k: float(v) for k, v in pattern.items()}, budget, 1,
+                                        max(pattern.values()) * 4)  # fmt: skip
+    return pattern
+
+
+def _shape_pattern(strategy: str, targets: Sequence[Any], params: dict[str, Any]) -> dict[str, int]:
     from lora_fast import allocation
 
     if strategy in ("uniform8", *PROBED):  # probes start as uniform r=8
@@ -272,6 +331,7 @@ def execute(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     """Train one (strategy, seed) run and return metrics, real ranks and costs."""
     from experiments.baselines.adalora import adalora_config
     from experiments.baselines.adalora import train_adalora
+    from experiments.models import resolve_targets
     from lora_fast import allocation
     from lora_fast.injection import inject
     from lora_fast.injection import lora_modules
@@ -281,20 +341,26 @@ def execute(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     strategy, steps = params["strategy"], params["train"]["max_steps"]
     start = time.perf_counter()
     base, tokenizer, train_data, eval_data = _setup(params, ctx, seed)
-    targets = allocation.find_targets(base, params["targets"])
+    names = resolve_targets(base, params["targets"])
+    targets = allocation.find_targets(base, names)
     classification = params["task"] == "classification"
-    extra: dict[str, Any] = {}
+    # a Hugging Face classifier keeps its head trainable under PEFT's SEQ_CLS; a plain module (the ViT) names it
+    hf_model = hasattr(base, "config") and hasattr(base, "num_labels")
+    extra: dict[str, Any] = {"budget_params": allocation.lora_param_count(
+        targets, allocation.uniform(targets, params["energy"]["budget_rank"]))}  # fmt: skip
     if strategy == "adalora":
-        config = adalora_config(params["targets"], total_step=steps, target_r=params["adalora"]["target_r"],
+        task_type = ("SEQ_CLS" if hf_model else None) if classification else "CAUSAL_LM"
+        config = adalora_config(names, total_step=steps, target_r=params["adalora"]["target_r"],
                                 init_r=params["adalora"]["init_r"], lora_alpha=params["alpha"],
-                                task_type="SEQ_CLS" if classification else "CAUSAL_LM")  # fmt: skip
+                                modules_to_save=["classifier"] if classification and not hf_model else None,
+                                task_type=task_type)  # fmt: skip
         result, model, ranks = train_adalora(base, config, train_data, eval_data,
                                              _train_config(params, ctx, steps, seed), tokenizer, seed)  # fmt: skip
         phases = [result]
     else:
         torch.manual_seed(seed)
         pattern = _fixed_pattern(strategy, targets, params)
-        model = inject(base, params["targets"], r=8, alpha=params["alpha"], rank_pattern=pattern,
+        model = inject(base, names, r=8, alpha=params["alpha"], rank_pattern=pattern,
                        modules_to_save=["classifier"] if classification else None)  # fmt: skip
         phases = []
         if strategy in PROBED:
@@ -312,9 +378,11 @@ def execute(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
                 extra["probe_energy_ranks"] = {k: int(v) for k, v in done.scores.items()}
             else:
                 w = params["warmup"]
-                batches = _gradient_batches(params, tokenizer, train_data, _device(ctx))
-                done = allocation.reallocate(model, probe, "warmup", batches=batches, r_min=w["r_min"],
-                                             r_max=w["r_max"], alpha=w["alpha"], beta=w["beta"])  # fmt: skip
+                batches, loss_fn = _gradient_batches(params, tokenizer, train_data, _device(ctx))
+                budget = extra["budget_params"] if params.get("match_budget") else None
+                done = allocation.reallocate(model, probe, "warmup", budget=budget, batches=batches, loss_fn=loss_fn,
+                                             r_min=w["r_min"], r_max=w["r_max"], alpha=w["alpha"],
+                                             beta=w["beta"])  # fmt: skip
             phases.append(done.probe_result)
             extra["scoring_time_s"] = done.scoring_time_s
             steps -= params["probe_steps"]

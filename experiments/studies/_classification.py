@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from typing import Any
 
 import torch
 
+from experiments.runner.config import LORA_KEYS
 from experiments.runner.config import ConfigError
 from experiments.runner.config import LoraSettings
 from experiments.runner.config import ModelSettings
@@ -44,22 +46,48 @@ def default_full() -> TrainSettings:
     return TrainSettings(lr=2e-4, max_steps=96, batch_size=16, eval_every=24)
 
 
+def vit_model() -> ModelSettings:
+    """The DINOv2 ViT-S/14 of the vision studies, all 12 blocks (a checkpoint tuned further for saliency: see
+    ``experiments.models.dinov2``); ``max_length`` is unused (the inputs are pixels)."""
+    return ModelSettings(name="dinov2_vits14", num_layers=None, max_length=32)
+
+
+def vit_lora() -> LoraSettings:
+    """LoRA on the ViT's attention projections at r=32 (alpha 64: scaling 2, as the text default)."""
+    return LoraSettings(targets=["query", "key", "value"], r=32, alpha=64.0, lr=2e-3, max_steps=80, batch_size=16,
+                        eval_every=20, snapshot_every=10)  # fmt: skip
+
+
+def vit_full() -> TrainSettings:
+    """Full fine-tuning of the ViT matching ``vit_lora``'s step budget."""
+    return TrainSettings(lr=5e-5, max_steps=80, batch_size=16, eval_every=20)
+
+
+def clipart_options() -> dict[str, Any]:
+    """Clip art at 56 px (4 x 4 patches of 14 px): 3.4x cheaper per step than 112 px on the 2-core CPU."""
+    return {"size": 56}
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassificationTask:
     """Settings every classification study shares.
 
     Args:
         dataset: a corpus of ``experiments.data.DATASETS``.
+        dataset_options: keyword arguments of its loader (e.g. ``{size: 112}`` for clip art at 112 px).
         test_fraction: share of each class held out once (seed 0) as the evaluation pool.
         min_per_class: only classes with at least this many examples are eligible.
         train_size: training examples per run, the same for every class count.
-        eval_size: evaluation examples per run (balanced over its classes).
+        eval_size: evaluation examples per run, balanced over its classes; when a class's held-out pool is smaller
+            (clip art: 10 images of a 40-image class), every class contributes as many as the smallest one has, and
+            the run records how many it used (``eval_examples``).
         model: the base model.
         lora: ``lora_fast.inject`` settings (targets, r, alpha, dropout) and ``TrainConfig`` fields of LoRA runs.
         full: ``TrainConfig`` fields of full fine-tuning runs.
     """
 
     dataset: str = "wordnet"
+    dataset_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     test_fraction: float = 0.2
     min_per_class: int = 500
     train_size: int = 256
@@ -70,9 +98,15 @@ class ClassificationTask:
 
     def __post_init__(self) -> None:
         from experiments.data import DATASETS
+        from experiments.data import dataset_options
 
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset: unknown {self.dataset!r}; available: {', '.join(sorted(DATASETS))}")
+        known = dataset_options(self.dataset)
+        unknown = [k for k in self.dataset_options if k not in known]
+        if unknown:
+            raise ConfigError(f"dataset_options: {self.dataset} has no option {unknown[0]!r}; its options: "
+                              f"{', '.join(known) or 'none'}")  # fmt: skip
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         for key in ("min_per_class", "train_size", "eval_size"):
@@ -100,32 +134,87 @@ class ClassCountSweep(ClassificationTask):
             raise ConfigError(f"subsets_per_count must be >= 1, got {self.subsets_per_count}")
 
 
-@functools.lru_cache(maxsize=8)
-def eligible_count(dataset: str, min_per_class: int) -> int:
-    """Number of classes of ``dataset`` with at least ``min_per_class`` examples (loads the corpus once).
+@dataclasses.dataclass(frozen=True)
+class PoolSizes:
+    """What a corpus offers a class-count sweep: eligible classes and the smallest train / held-out pool among them.
 
     Args:
-        dataset: corpus name in ``experiments.data``.
-        min_per_class: threshold.
+        eligible: classes with at least ``min_per_class`` examples.
+        min_train: examples of the smallest eligible class in the training pool.
+        min_test: examples of the smallest eligible class in the held-out pool.
     """
+
+    eligible: int
+    min_train: int
+    min_test: int
+
+
+@functools.lru_cache(maxsize=8)
+def _pool_sizes(dataset: str, options_json: str, test_fraction: float, min_per_class: int) -> PoolSizes:
     from experiments.data import load_dataset
     from experiments.data.sampling import eligible_classes
+    from experiments.data.sampling import train_test_split
 
-    return len(eligible_classes(load_dataset(dataset), min_per_class))
+    data = load_dataset(dataset, **json.loads(options_json))
+    eligible = eligible_classes(data, min_per_class)
+    train_pool, test_pool = train_test_split(data, test_fraction, 0)
+    train_counts, test_counts = train_pool.class_counts(), test_pool.class_counts()
+    return PoolSizes(len(eligible), min((int(train_counts[c]) for c in eligible), default=0),
+                     min((int(test_counts[c]) for c in eligible), default=0))  # fmt: skip
+
+
+def pool_sizes(section: ClassificationTask) -> PoolSizes:
+    """``PoolSizes`` of a section's corpus (loads the corpus once per process: in the parent of a worker pool, so a
+    corpus with a decode-once cache, like clip art, is decoded before the workers start).
+
+    Args:
+        section: the study's section.
+    """
+    options = json.dumps(dict(section.dataset_options), sort_keys=True)
+    return _pool_sizes(section.dataset, options, section.test_fraction, section.min_per_class)
+
+
+def eligible_count(section: ClassificationTask) -> int:
+    """Number of classes of a section's corpus with at least ``min_per_class`` examples.
+
+    Args:
+        section: the study's section.
+    """
+    return pool_sizes(section).eligible
+
+
+def check_train_size(section: ClassificationTask, n: int, where: str) -> None:
+    """Raise ``ConfigError`` when ``train_size`` examples cannot be spread over ``n`` classes of the corpus (the
+    smallest eligible class's training pool must hold ``ceil(train_size / n)``).
+
+    Args:
+        section: the study's section.
+        n: classes per run.
+        where: study name for the message.
+    """
+    sizes = pool_sizes(section)
+    need = math.ceil(section.train_size / n)
+    if need > sizes.min_train:
+        raise ConfigError(f"{where}: train_size {section.train_size} over n = {n} classes needs {need} training "
+                          f"examples per class, but the smallest eligible class of {section.dataset} has "
+                          f"{sizes.min_train} after holding out test_fraction {section.test_fraction}; lower "
+                          f"train_size to {sizes.min_train * n} or raise min_per_class")  # fmt: skip
 
 
 def subsets_for(section: ClassCountSweep, n: int, where: str) -> int:
-    """How many distinct class subsets exist and are wanted for ``n`` classes; checks n against the corpus.
+    """How many distinct class subsets exist and are wanted for ``n`` classes; checks n and the training size
+    against the corpus.
 
     Args:
         section: the sweep.
         n: classes per subset.
         where: study name for the error message.
     """
-    t = eligible_count(section.dataset, section.min_per_class)
+    t = eligible_count(section)
     if not 2 <= n <= t:
         raise ConfigError(f"{where}: class count {n} outside 2..{t} ({section.dataset} has {t} classes with >= "
                           f"{section.min_per_class} examples)")  # fmt: skip
+    check_train_size(section, n, where)
     return min(section.subsets_per_count, math.comb(t, n))
 
 
@@ -146,6 +235,7 @@ def run_params(
     return {
         "kind": kind,
         "dataset": section.dataset,
+        "dataset_options": dict(section.dataset_options),
         "test_fraction": section.test_fraction,
         "min_per_class": section.min_per_class,
         "n_classes": n_classes,
@@ -181,6 +271,28 @@ def _untrained_controls(model: torch.nn.Module, threshold: float, seed: int) -> 
     return {n: {"b_std": s, "control_energy_rank": int(k)} for n, s, k in zip(names, stds, ranks, strict=True)}
 
 
+def task_data(params: dict[str, Any], ctx: RunContext) -> tuple[Any, Any]:
+    """(training set, evaluation set) of a run: its class subset, ``train_size`` balanced training examples and up
+    to ``eval_size`` balanced held-out ones (see ``ClassificationTask.eval_size``), relabelled 0..n-1.
+
+    Args:
+        params: from ``run_params``.
+        ctx: the process's caches.
+    """
+    from experiments.data import sampling
+
+    seed = params["seed"]
+    train_pool, test_pool = ctx.dataset_split(params["dataset"], params["test_fraction"], 0, params["dataset_options"])
+    # classes with >= min_per_class examples in the whole corpus; the pools are a fixed split of it
+    counts = train_pool.class_counts() + test_pool.class_counts()
+    eligible = [c for c, k in enumerate(counts.tolist()) if k >= params["min_per_class"]]
+    classes = sampling.sample_class_subsets(eligible, params["n_classes"], params["subsets"], seed)[params["subset"]]
+    train_set = sampling.balanced_subset(train_pool, classes, params["train_size"], seed)
+    held_out = min(int(test_pool.class_counts()[c]) for c in classes)
+    eval_set = sampling.balanced_subset(test_pool, classes, min(params["eval_size"], held_out * len(classes)), seed)
+    return train_set, eval_set
+
+
 def run_classification(params: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     """Train one classifier as ``params`` says and return its metrics, classes and per-adapter energy ranks.
 
@@ -190,36 +302,37 @@ def run_classification(params: dict[str, Any], ctx: RunContext) -> dict[str, Any
     """
     import lora_fast
     from experiments.data import sampling
+    from experiments.models import resolve_targets
     from lora_fast.train import TrainConfig
     from lora_fast.train import evaluate
     from lora_fast.train import train
 
     seed = params["seed"]
-    train_pool, test_pool = ctx.dataset_split(params["dataset"], params["test_fraction"], 0)
-    # classes with >= min_per_class examples in the whole corpus; the pools are a fixed split of it
-    counts = train_pool.class_counts() + test_pool.class_counts()
-    eligible = [c for c, k in enumerate(counts.tolist()) if k >= params["min_per_class"]]
-    classes = sampling.sample_class_subsets(eligible, params["n_classes"], params["subsets"], seed)[params["subset"]]
-    train_set = sampling.balanced_subset(train_pool, classes, params["train_size"], seed)
-    eval_set = sampling.balanced_subset(test_pool, classes, params["eval_size"], seed)
+    # "train_seed" (optional) repeats training on the same task: classes, examples and noise follow "seed"
+    train_seed = params.get("train_seed", seed)
+    train_set, eval_set = task_data(params, ctx)
     noisy = sampling.add_label_noise(train_set, params["noise"], seed) if params["noise"] else train_set
 
     m = ModelSettings(**params["model"])
-    model, tokenizer = ctx.classifier(m, len(classes), seed)
+    model, tokenizer = ctx.classifier(m, train_set.num_classes, train_seed)
     settings = dict(params["train"])
-    adapter = {k: settings.pop(k) for k in ("targets", "r", "alpha", "dropout") if k in settings}
+    adapter = {k: settings.pop(k) for k in LORA_KEYS if k in settings}
     if params["kind"] == "lora":
-        torch.manual_seed(seed)  # LoRA's A init draws from the global RNG: same seed, same adapters, any run order
-        model = lora_fast.inject(model, adapter["targets"], r=adapter["r"], alpha=adapter["alpha"],
-                                 dropout=adapter.get("dropout", 0.0), modules_to_save=["classifier"])  # fmt: skip
-    config = TrainConfig(seed=seed, max_length=m.max_length, device=ctx.device, progress=ctx.progress, **settings)
+        torch.manual_seed(train_seed)  # LoRA's A init draws from the global RNG: same seed, same adapters, any order
+        model = lora_fast.inject(model, resolve_targets(model, adapter["targets"]), r=adapter["r"],
+                                 alpha=adapter["alpha"], dropout=adapter.get("dropout", 0.0),
+                                 use_rslora=adapter.get("use_rslora", False),
+                                 modules_to_save=["classifier"])  # fmt: skip
+    config = TrainConfig(seed=train_seed, max_length=m.max_length, device=ctx.device, progress=ctx.progress,
+                         **settings)  # fmt: skip
     result = train(model, noisy, eval_set, config, tokenizer=tokenizer)
     out = result.as_dict()
     loss = out.pop("train_loss")
     # the full loss curve is kept at 1 point per 4 steps: enough to plot, small in JSON
     out["train_loss"] = loss[::4]
     out["final_train_loss"] = sum(loss[-8:]) / max(1, len(loss[-8:]))
-    out["classes"] = [train_set.class_names[i] for i in range(len(classes))]
+    out["classes"] = list(train_set.class_names)
+    out["eval_examples"] = len(eval_set)
     out["noisy_fraction"] = sampling.noisy_fraction(train_set, noisy)
     out["train_accuracy"] = float(evaluate(model, noisy, config, tokenizer)["accuracy"])
     changed = torch.nonzero(noisy.labels != train_set.labels).flatten()
@@ -227,7 +340,7 @@ def run_classification(params: dict[str, Any], ctx: RunContext) -> dict[str, Any
         float(evaluate(model, noisy.select(changed), config, tokenizer)["accuracy"]) if changed.numel() else None
     )
     if params["kind"] == "lora":
-        controls = _untrained_controls(model, config.energy_threshold, seed)
+        controls = _untrained_controls(model, config.energy_threshold, train_seed)
         for record in out["adapters"]:
             record.update(controls.get(record["name"], {}))
     return out

@@ -67,16 +67,16 @@ def _label(row_or_params: dict[str, Any]) -> str:
     return "full" if params["kind"] == "full" else f"lora r={params['train']['r']}"
 
 
-def plan(config: SweepConfig) -> list[RunSpec]:
+def plan(config: SweepConfig, name: str = NAME) -> list[RunSpec]:
     """Full fine-tuning and LoRA at each rank, per seed."""
-    sec = config.section(NAME)
+    sec = config.section(name)
     specs = []
     for seed in sec.seeds:
-        specs.append(RunSpec.make(NAME, f"full-s{seed}", run_params(sec, "full", sec.n_classes, 0, 1, 0.0, seed)))
+        specs.append(RunSpec.make(name, f"full-s{seed}", run_params(sec, "full", sec.n_classes, 0, 1, 0.0, seed)))
         for r in sec.ranks:
             variant = dataclasses.replace(sec, lora=LoraSettings({**sec.lora, "r": r}))
             params = run_params(variant, "lora", sec.n_classes, 0, 1, 0.0, seed)
-            specs.append(RunSpec.make(NAME, f"lora-r{r}-s{seed}", params))
+            specs.append(RunSpec.make(name, f"lora-r{r}-s{seed}", params))
     return specs
 
 
@@ -85,12 +85,12 @@ def execute(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     return {"label": _label(spec.params), **run_classification(spec.params, ctx)}
 
 
-def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path) -> str:
+def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path, name: str = NAME) -> str:
     """Cost table ``cost.md`` and plot ``accuracy_vs_params.png``."""
-    sec = config.section(NAME)
+    sec = config.section(name)
     outdir.mkdir(parents=True, exist_ok=True)
     if not rows:
-        return f"### {NAME}\n\nno finished runs.\n"
+        return f"### {name}\n\nno finished runs.\n"
     labels = ["full", *[f"lora r={r}" for r in sec.ranks]]
     labels = [lab for lab in labels if any(r["label"] == lab for r in rows)]
     stats = {s["group"]: s for s in seed_summary(rows, "label", "accuracy", True)}
@@ -133,7 +133,7 @@ def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path) -> str
     axes[1].set(ylabel="training time (s)", title="Wall time, same steps")
     save_figure(fig, outdir / "accuracy_vs_params.png")
 
-    summary = f"### {NAME}\n\n{sec.scale}; {max(s['seeds'] for s in stats.values())} seed(s).\n\n"
+    summary = f"### {name}\n\n{sec.scale}; {max(s['seeds'] for s in stats.values())} seed(s).\n\n"
     summary += markdown_table(["run", "trainable params", "time (s)", "accuracy", "verdict"],
                               [[t[0], t[2], t[3], t[5], t[8]] for t in table])  # fmt: skip
     return summary + "\n" + "\n".join(f"- {s}" for s in lines) + "\n"

@@ -41,9 +41,9 @@ class Config(_allocation.AllocationSettings):
                                                                                    batch_size=8))  # fmt: skip
 
 
-def plan(config: SweepConfig) -> list[RunSpec]:
+def plan(config: SweepConfig, name: str = NAME) -> list[RunSpec]:
     """One run per (strategy, seed)."""
-    return _allocation.plan_runs(config, NAME, "causal_lm")
+    return _allocation.plan_runs(config, name, "causal_lm")
 
 
 def execute(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
@@ -51,6 +51,6 @@ def execute(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     return _allocation.execute(spec, ctx)
 
 
-def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path) -> str:
+def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path, name: str = NAME) -> str:
     """Eval loss / perplexity table, efficiency frontier and per-layer ranks (``_allocation.report_runs``)."""
-    return _allocation.report_runs(rows, config.section(NAME), outdir, NAME)
+    return _allocation.report_runs(rows, config.section(name), outdir, name)

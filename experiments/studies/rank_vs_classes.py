@@ -31,7 +31,10 @@ from experiments.runner.analysis import last_quarter_change
 from experiments.runner.analysis import mean_ci
 from experiments.runner.analysis import sign_verdict
 from experiments.runner.config import ConfigError
+from experiments.runner.config import LoraSettings
+from experiments.runner.config import ModelSettings
 from experiments.runner.config import SweepConfig
+from experiments.runner.config import TrainSettings
 from experiments.runner.context import RunContext
 from experiments.runner.report import fmt
 from experiments.runner.report import fmt_ci
@@ -41,8 +44,12 @@ from experiments.runner.report import save_figure
 from experiments.runner.spec import RunSpec
 from experiments.runner.store import atomic_write_text
 from experiments.studies._classification import ClassCountSweep
+from experiments.studies._classification import clipart_options
 from experiments.studies._classification import run_classification
 from experiments.studies._classification import sweep_specs
+from experiments.studies._classification import vit_full
+from experiments.studies._classification import vit_lora
+from experiments.studies._classification import vit_model
 
 NAME = "rank_vs_classes"
 
@@ -63,9 +70,59 @@ class Config(ClassCountSweep):
             raise ConfigError(f"shuffled_control_subsets must be >= 0, got {self.shuffled_control_subsets}")
 
 
-def plan(config: SweepConfig) -> list[RunSpec]:
+@dataclasses.dataclass(frozen=True)
+class VitConfig(Config):
+    """Study 1 on the ViT: DINOv2 ViT-S/14 (a checkpoint tuned further for saliency) on clip-art sub-categories.
+
+    Clip art has 22 sub-categories with >= 40 cleaned images; a quarter of each class is held out (10 of 40), so every
+    run trains on 60 images whatever n (30 per class at n = 2, 3-4 at n = 16) and is evaluated on up to 10 held-out
+    images per class. Images at 56 px (4 x 4 patches), LoRA r = 32 on query/key/value of all 12 blocks.
+    """
+
+    dataset: str = "clipart"
+    dataset_options: dict[str, Any] = dataclasses.field(default_factory=clipart_options)
+    test_fraction: float = 0.25
+    min_per_class: int = 40
+    train_size: int = 60
+    eval_size: int = 160
+    model: ModelSettings = dataclasses.field(default_factory=vit_model)
+    lora: LoraSettings = dataclasses.field(default_factory=vit_lora)
+    full: TrainSettings = dataclasses.field(default_factory=vit_full)
+    class_counts: tuple[int, ...] = (2, 8, 16)
+    subsets_per_count: int = 2
+    shuffled_control_subsets: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class VitFashionConfig(VitConfig):
+    """Study 1 on the ViT with Fashion-MNIST (grey clothing photos, resized to RGB 56 px) as the control corpus.
+
+    100 images per class are drawn (80 for training, 20 held out); 120 training images per run whatever n.
+    """
+
+    dataset: str = "fashion_mnist_rgb"
+    dataset_options: dict[str, Any] = dataclasses.field(default_factory=lambda: {"size": 56, "per_class": 100})
+    test_fraction: float = 0.2
+    min_per_class: int = 100
+    train_size: int = 120
+    eval_size: int = 200
+    class_counts: tuple[int, ...] = (2, 5, 10)
+    subsets_per_count: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Vit112Config(VitConfig):
+    """Study 1 on the ViT with clip art at 112 px (8 x 8 patches: 65 tokens instead of 17; 3.4x the cost per step)."""
+
+    dataset_options: dict[str, Any] = dataclasses.field(default_factory=lambda: {"size": 112, "min_images": 40})
+    class_counts: tuple[int, ...] = (8,)
+    subsets_per_count: int = 5
+    shuffled_control_subsets: int = 0
+
+
+def plan(config: SweepConfig, name: str = NAME) -> list[RunSpec]:
     """A full and a LoRA run per (n, subset), and the shuffled-label LoRA controls."""
-    return sweep_specs(config, NAME, kinds=("full", "lora"), shuffled=True)
+    return sweep_specs(config, name, kinds=("full", "lora"), shuffled=True)
 
 
 def execute(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
@@ -134,14 +191,14 @@ def saturation(rows: list[dict[str, Any]]) -> tuple[int, int, int]:
                                                                                  default=0)  # fmt: skip
 
 
-def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path) -> str:
+def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path, name: str = NAME) -> str:
     """Tables ``accuracy_vs_classes.md``, ``energy_rank_vs_accuracy.md``, ``energy_rank_vs_classes.md``,
     ``convergence.md``; plots of each."""
     outdir.mkdir(parents=True, exist_ok=True)
-    section = config.section(NAME)
+    section = config.section(name)
     pairs = _pairs(rows)
     if not pairs:
-        return f"### {NAME}\n\nno finished (full, LoRA) pairs yet.\n"
+        return f"### {name}\n\nno finished (full, LoRA) pairs yet.\n"
     shuffled = [r for r in rows if r["params"]["kind"] == "lora" and r["params"]["noise"] == 1.0]
     lora_rows = [lo for _, lo in pairs]
     kinds = sorted({a["kind"] for lo in lora_rows for a in lo["adapters"]})
@@ -242,7 +299,7 @@ def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path) -> str
         for k in kinds
     ]
     lines = [
-        f"### {NAME}: {section.dataset}, n in {ns}, {len(pairs)} class subsets, {m.name} "
+        f"### {name}: {section.dataset}, n in {ns}, {len(pairs)} class subsets, {m.name} "
         f"({m.num_layers or 'all'} layers), {section.train_size} training examples, LoRA r={section.lora['r']}",
         "",
         f"- full FT accuracy vs n: slope {_slope(fits_acc['full'], 4)}/class, R² {fits_acc['full']['r2']:.3f} over "

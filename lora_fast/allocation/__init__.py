@@ -3,11 +3,15 @@
 ``strategies`` holds the pure rules (target modules → ``rank_pattern``): uniform, linear decay, attention-heavy,
 empirical thirds, per-layer lists, warm-up importance scores → ranks, and energy-guided budget fitting.
 ``measure`` looks at a model: ``find_targets``, the gradient / weight-change measurements, ``resize_adapters`` and
-``reallocate``, the probe → score → resize protocol in one call::
+``reallocate``, the probe → score → resize protocol in one call. ``suggest_ranks`` answers the question before any
+of that: which rank does this task need? (a short probe at a generous rank, then the adapters' energy ranks)::
 
     model = lora_fast.inject(model, ["query", "key", "value"], r=8)
     done = reallocate(model, probe=lambda m: train(m, data, None, TrainConfig(max_steps=20)), method="energy")
     done.pattern            # new rank per module, same parameter budget as r=8; the model is resized in place
+
+    hint = suggest_ranks(model, data, ["query", "key", "value"], modules_to_save=["classifier"])
+    hint.rank, hint.rank_pattern, print(hint.evidence())
 """
 
 from __future__ import annotations
@@ -35,9 +39,13 @@ from lora_fast.allocation.strategies import lora_param_count
 from lora_fast.allocation.strategies import num_layers
 from lora_fast.allocation.strategies import scores_to_ranks
 from lora_fast.allocation.strategies import uniform
+from lora_fast.allocation.suggest import RankSuggestion
+from lora_fast.allocation.suggest import round_rank
+from lora_fast.allocation.suggest import suggest_ranks
 
 __all__ = [
     "RankPattern",
+    "RankSuggestion",
     "Reallocation",
     "TargetModule",
     "adapter_targets",
@@ -56,7 +64,9 @@ __all__ = [
     "num_layers",
     "reallocate",
     "resize_adapters",
+    "round_rank",
     "scores_to_ranks",
+    "suggest_ranks",
     "uniform",
     "warmup_importance",
     "weight_changes",

@@ -22,14 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_fast.allocation._naming import layer_index
-from lora_fast.allocation._naming import matched_target
 from lora_fast.allocation.strategies import RankPattern
 from lora_fast.allocation.strategies import TargetModule
 from lora_fast.allocation.strategies import fit_budget
 from lora_fast.allocation.strategies import importance_scores
 from lora_fast.allocation.strategies import lora_param_count
 from lora_fast.allocation.strategies import scores_to_ranks
+from lora_fast.layers import is_conv1d
+from lora_fast.peft_rules import layer_index
+from lora_fast.peft_rules import lora_scaling
+from lora_fast.peft_rules import matches_target
 
 __all__ = [
     "Reallocation",
@@ -49,10 +51,16 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
     base = getattr(module, "base_layer", None)  # an already-wrapped layer (lora_fast or PEFT)
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # GPT-2: weight stored (in, out)
+    if is_conv1d(module):  # GPT-2: weight stored (in, out)
         in_features, out_features = module.weight.shape
         return int(in_features), int(out_features)
     return None
+
+
+def _block(name: str) -> int:
+    """``peft_rules.layer_index`` with -1 for a module outside any block (``TargetModule.layer``'s convention)."""
+    index = layer_index(name)
+    return -1 if index is None else index
 
 
 def find_targets(model: nn.Module, target_modules: Sequence[str]) -> list[TargetModule]:
@@ -65,11 +73,11 @@ def find_targets(model: nn.Module, target_modules: Sequence[str]) -> list[Target
     """
     targets: list[TargetModule] = []
     for name, module in model.named_modules():
-        key = matched_target(name, target_modules)
+        key = next((k for k in target_modules if matches_target(name, [k])), None)
         shape = _linear_shape(module) if key is not None else None
         if shape is None:
             continue
-        targets.append(TargetModule(name, layer_index(name), key, shape[0], shape[1]))
+        targets.append(TargetModule(name, _block(name), key, shape[0], shape[1]))
     if not targets:
         raise ValueError(f"no linear layer matches target_modules={list(target_modules)}")
     return targets
@@ -83,7 +91,7 @@ def adapter_targets(model: nn.Module) -> list[TargetModule]:
     """
     targets = []
     for name, layer in _lora_layers(model).items():
-        index = layer_index(name)
+        index = _block(name)
         kind = name.split(f".{index}.", 1)[-1] if index >= 0 else name
         targets.append(TargetModule(name, index, kind, layer.in_features, layer.out_features))
     return targets
@@ -183,28 +191,32 @@ def resize_adapters(model: nn.Module, pattern: Mapping[str, int]) -> None:
     """Give every ``LoraLinear`` named in ``pattern`` its new rank, keeping its current update ΔW = s·B·A.
 
     With ΔW = U S Vᵀ, the new factors are B = U_r √S_r / √s', A = √S_r V_rᵀ / √s' (s' the new scaling), so
-    s'·B·A is ΔW truncated to rank r (exact when r ≥ rank ΔW). Extra rows of A beyond rank ΔW are drawn fresh
+    s'·B·A is ΔW truncated to rank r (exact when r ≥ rank ΔW); computed from the factors
+    (``lora_fast.energy_rank.truncate``), never from the dense ΔW. Extra rows of A beyond rank ΔW are drawn fresh
     (Kaiming-uniform, as at init) with zero columns of B, so they start contributing nothing, as a new adapter does.
 
     Args:
         model: a model with ``lora_fast.LoraLinear`` layers.
         pattern: new rank per module name.
     """
+    from lora_fast.energy_rank import truncate
+
     for name, layer in _lora_layers(model).items():
         r = pattern.get(name)
         if r is None or r == layer.r:
             continue
-        delta = layer.delta_weight()
-        scaling = layer.lora_alpha / (math.sqrt(r) if layer.use_rslora else r)
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        keep = min(r, layer.r, s.numel())
-        root = (s[:keep] / scaling).sqrt()
+        scaling = lora_scaling(layer.lora_alpha, r, layer.use_rslora)
+        keep = min(r, layer.r, layer.in_features, layer.out_features)
+        # B'·A' = B·A truncated to rank `keep` (QR of the factors and an r×r SVD; ΔW is never formed); the old
+        # scaling moves into the factors so that scaling·B_new·A_new = old scaling·B'·A'
+        kept_a, kept_b = truncate(layer.lora_A.detach().float(), layer.lora_B.detach().float(), keep)
+        factor = math.sqrt(layer.scaling / scaling)
         dtype, device = layer.lora_A.dtype, layer.lora_A.device
         new_a = torch.empty(r, layer.in_features, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(new_a, a=math.sqrt(5))
         new_b = torch.zeros(layer.out_features, r, dtype=dtype, device=device)
-        new_a[:keep] = (root[:, None] * vh[:keep]).to(dtype)
-        new_b[:, :keep] = (u[:, :keep] * root[None, :]).to(dtype)
+        new_a[:keep] = (kept_a * factor).to(dtype)
+        new_b[:, :keep] = (kept_b * factor).to(dtype)
         layer.lora_A = nn.Parameter(new_a, requires_grad=layer.lora_A.requires_grad)
         layer.lora_B = nn.Parameter(new_b, requires_grad=layer.lora_B.requires_grad)
         layer.r, layer.scaling = r, scaling
@@ -252,7 +264,8 @@ def reallocate(
     ``method="energy"``: ranks proportional to each adapter's energy rank after the probe
     (``lora_fast.energy_rank.analyze``), fitted to ``budget`` by ``strategies.energy_guided``/``fit_budget``.
     ``method="warmup"``: score = α·normalised ‖∂L/∂W‖ (on ``batches``) + β·normalised ‖ΔW‖/‖W‖, mapped linearly to
-    [r_min, r_max] (``strategies.scores_to_ranks``; not budget-matched, as the warm-up importance rule defines it).
+    [r_min, r_max] (``strategies.scores_to_ranks``, as the warm-up importance rule defines it), or, when ``budget``
+    is given, ranks proportional to the scores fitted to it (``fit_budget``), for comparisons at equal budget.
     Each adapter is then re-factored to its new rank from the truncated SVD of its update (``resize_adapters``),
     so what the probe learned is kept up to the truncation. Optimizer state for the old factors is meaningless
     afterwards: continue with a fresh optimizer.
@@ -261,7 +274,8 @@ def reallocate(
         model: a model with ``lora_fast.LoraLinear`` adapters (typically uniform rank).
         probe: trains ``model`` in place for a few steps; None when it is already trained.
         method: ``"energy"`` or ``"warmup"``.
-        budget: LoRA parameter budget Σ r·(k+n); default the adapters' current count (same cost as the probe).
+        budget: LoRA parameter budget Σ r·(k+n); default the adapters' current count (same cost as the probe) for
+            ``"energy"``; ``"warmup"`` fits to it only when it is given.
         r_min: smallest rank any module gets.
         r_max: largest rank any module gets.
         threshold: energy share of the energy rank.
@@ -276,6 +290,7 @@ def reallocate(
     if not targets:
         raise ValueError("reallocate: the model has no lora_fast adapters (run lora_fast.inject first)")
     current = {name: layer.r for name, layer in _lora_layers(model).items()}
+    fit_warmup = budget is not None
     budget = lora_param_count(targets, current) if budget is None else int(budget)
     probe_result = probe(model) if probe is not None else None
     start = time.perf_counter()
@@ -288,6 +303,9 @@ def reallocate(
         if batches is None:
             raise ValueError("reallocate(method='warmup') needs gradient batches")
         scores = importance_scores(gradient_norms(model, batches, loss_fn), weight_changes(model), alpha, beta)
-        pattern = scores_to_ranks(scores, r_min, r_max)
+        if fit_warmup:
+            pattern = fit_budget(targets, scores, budget, r_min, r_max)
+        else:
+            pattern = scores_to_ranks(scores, r_min, r_max)
     resize_adapters(model, pattern)
     return Reallocation(method, pattern, scores, budget, probe_result, time.perf_counter() - start)

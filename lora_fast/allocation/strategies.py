@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_fast.allocation._naming import is_attention
-
 __all__ = [
     "RankPattern",
     "TargetModule",
@@ -85,6 +83,15 @@ def lora_param_count(targets: Sequence[TargetModule], pattern: Mapping[str, int]
         pattern: rank per full module name.
     """
     return sum(pattern[t.name] * t.params_per_rank() for t in targets)
+
+
+def is_attention(name: str) -> bool:
+    """True for attention projections: a name segment contains ``attn`` or ``attention`` (BERT, LLaMA, GPT-2, ViT).
+
+    Args:
+        name: full module name.
+    """
+    return any("attn" in part or "attention" in part for part in name.split("."))
 
 
 def _depth(target: TargetModule, layers: int) -> float:
