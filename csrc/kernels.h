@@ -59,7 +59,7 @@ struct Scratch {
                        std::min(m, kChunkDoubles / rp) * rp + rp));
     grow(acc, std::max(rows4 * rows4 * 8 + 64, 64 * (rp / 8) * (rp / 8 + 1) / 2));
     for (auto* v : {&ga, &gb, &la, &lb, &core}) grow(*v, rp * rp);
-    grow(work, 8 * (rp + 2));  // Jacobi: ~3.5 rp; eigenvalues: 5 rp + 1
+    grow(work, 8 * (rp + 2));  // Jacobi: ~3.5 rp; eigenvalues: 5 rp + 2
     if (static_cast<int64_t>(iwork.size()) < 4 * (rp + 2)) iwork.resize(4 * (rp + 2));
   }
   static void grow(std::vector<double>& v, int64_t size) {
@@ -195,7 +195,8 @@ LF_TARGET __attribute__((noinline)) void rows_chunk(const double* buf, int64_t r
   }
 }
 
-// G = X X^T for X (r x n, row stride ld): the Gram matrix of A's rows. Upper triangle into g (r x r, stride gs).
+// G = X X^T for X (r x n, row stride ld): the Gram matrix of A's rows. Upper triangle into g (r x r, stride gs; zeros
+// elsewhere in its first r rows).
 template <class I, class T>
 LF_TARGET void gram_rows(const T* x, int64_t r, int64_t n, int64_t ld, double* buf, double* acc, double* g,
                          int64_t gs) {
@@ -213,6 +214,7 @@ LF_TARGET void gram_rows(const T* x, int64_t r, int64_t n, int64_t ld, double* b
     widen_rows(x, r, ld, t0, len, T_, buf);
     rows_chunk<I>(buf, rows4, T_, acc);
   }
+  std::memset(g, 0, sizeof(double) * r * gs);  // the lower triangle and the padding: zeros (cholesky reads them)
   const double* tile_acc = acc;
   for (int64_t i0 = 0; i0 < rows4; i0 += TI)
     for (int64_t j0 = i0 / TJ * TJ; j0 < rows4; j0 += TJ, tile_acc += TI * TJ * W)
@@ -263,7 +265,7 @@ LF_TARGET __attribute__((noinline)) void cols_chunk(const double* buf, int64_t r
 }
 
 // G = X^T X for X (m x r, row stride ld): the Gram matrix of B's columns, by rank-1 updates of each row (B is
-// read as stored; no transpose). Upper triangle into g (r x r, stride gs).
+// read as stored; no transpose). Upper triangle into g (r x r, stride gs; zeros elsewhere in its first r rows).
 template <class I, class T>
 LF_TARGET void gram_cols(const T* x, int64_t m, int64_t r, int64_t ld, double* buf, double* acc, double* g,
                          int64_t gs) {
@@ -287,6 +289,7 @@ LF_TARGET void gram_cols(const T* x, int64_t m, int64_t r, int64_t ld, double* b
     }
     cols_chunk<I>(buf, rows, rp, acc);
   }
+  std::memset(g, 0, sizeof(double) * r * gs);  // the lower triangle and the padding: zeros (cholesky reads them)
   const double* block_acc = acc;
   for (int64_t jb = 0; jb < nb; ++jb) {
     for (int64_t i = 0; i < jb * 8 + 8; ++i)
@@ -317,25 +320,37 @@ LF_INLINE double dot(const double* x, const double* y, int64_t len) {
   return s;
 }
 
-// Cholesky G = L L^T from the upper triangle of g (stride gs) into l (lower, row-major, stride ls, zeros above
-// the diagonal and in the padding). False when a pivot is not positive or diag(L) spans more than max_ratio.
+// Cholesky G = R^T R, right-looking on the upper triangle of g (stride gs >= round_up(r, W); destroyed: R's rows
+// replace it; the lower triangle and the padding columns must hold finite values), then L = R^T into l (lower,
+// row-major, stride ls, zeros above the diagonal and in the padding). Each step updates the trailing rows with whole
+// vectors (no horizontal sums: measured 5x faster than dot products at r = 64). False when a pivot is not positive
+// or diag(R) spans more than max_ratio.
 template <class I>
-LF_INLINE bool cholesky(const double* g, int64_t r, int64_t gs, double max_ratio, double* l, int64_t ls) {
-  for (int64_t i = 0; i < r; ++i) std::memset(l + i * ls, 0, sizeof(double) * ls);
+LF_INLINE bool cholesky(double* g, int64_t r, int64_t gs, double max_ratio, double* l, int64_t ls) {
+  typedef typename VecOf<I::W>::type V;
+  constexpr int W = I::W;
+  const int64_t rw = round_up(r, W);
   double dmax = 0.0, dmin = std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < r; ++j) {
-    double* lj = l + j * ls;
-    const double d = g[j * gs + j] - dot<I>(lj, lj, j);
+  for (int64_t k = 0; k < r; ++k) {
+    double* gk = g + k * gs;
+    const double d = gk[k];
     if (!(d > 0.0)) return false;
-    const double ljj = std::sqrt(d);
-    lj[j] = ljj;
-    dmax = std::max(dmax, ljj);
-    dmin = std::min(dmin, ljj);
-    const double inv = 1.0 / ljj;
-    for (int64_t i = j + 1; i < r; ++i) {
-      double* li = l + i * ls;
-      li[j] = (g[j * gs + i] - dot<I>(li, lj, j)) * inv;
+    const double rkk = std::sqrt(d);
+    dmax = std::max(dmax, rkk);
+    dmin = std::min(dmin, rkk);
+    const double inv = 1.0 / rkk;
+    gk[k] = rkk;
+    for (int64_t j = k + 1; j < r; ++j) gk[j] *= inv;
+    for (int64_t i = k + 1; i < r; ++i) {  // rows i > k, from the vector holding column i on
+      const double f = gk[i];
+      double* gi = g + i * gs;
+      for (int64_t j = i / W * W; j < rw; j += W) vstore<V>(gi + j, vload<V>(gi + j) - f * vload<V>(gk + j));
     }
+  }
+  for (int64_t i = 0; i < r; ++i) {
+    double* li = l + i * ls;
+    for (int64_t j = 0; j <= i; ++j) li[j] = g[j * gs + i];
+    for (int64_t j = i + 1; j < ls; ++j) li[j] = 0.0;
   }
   return dmax <= max_ratio * dmin;
 }
@@ -446,24 +461,29 @@ LF_INLINE void jacobi_svdvals(double* c, int64_t r, int64_t ld, double* work, in
   std::sort(sigma, sigma + r, [](double x, double y) { return x > y; });
 }
 
-// Eigenvalues (ascending) of the symmetric tridiagonal matrix with diagonal d and sub-diagonal e (r - 1 values)
-// into lambda, by bisection: lane j of vector u converges to the (u W + j)-th smallest eigenvalue, with
-// count(x) = #eigenvalues < x = #negative pivots of T - x I (Sturm). work: r values.
+// Square roots of the eigenvalues (ascending) of the positive semi-definite tridiagonal matrix T with diagonal d
+// and sub-diagonal e (r - 1 values) into sigma, each within tol, by bisection in sqrt(lambda): lane j of vector u
+// converges to the (u W + j)-th smallest, with count(s) = #eigenvalues < s^2 = #negative pivots of T - s^2 I
+// (Sturm). Halving [0, sqrt(Gershgorin bound)] down to tol needs ~22-25 steps where halving the eigenvalues' own
+// interval to the same accuracy in sigma needed 48. work: r values.
 template <class I>
-LF_INLINE void bisect_eigenvalues(const double* d, const double* e, int64_t r, double* work, double* lambda) {
+LF_INLINE void bisect_sqrt_eigenvalues(const double* d, const double* e, int64_t r, double tol, double* work,
+                                       double* sigma) {
   typedef typename VecOf<I::W>::type V;
   constexpr int W = I::W, kInFlight = 8;  // independent vectors per step: the divisions overlap
   double* e2 = work;
-  double lo = std::numeric_limits<double>::infinity(), hi = -lo, e2max = 0.0;
-  for (int64_t i = 0; i < r; ++i) {  // Gershgorin bounds
+  double hi = 0.0, e2max = 0.0;
+  for (int64_t i = 0; i < r; ++i) {  // Gershgorin bound
     const double radius = (i > 0 ? std::fabs(e[i - 1]) : 0.0) + (i + 1 < r ? std::fabs(e[i]) : 0.0);
-    lo = std::min(lo, d[i] - radius);
     hi = std::max(hi, d[i] + radius);
     if (i + 1 < r) {
       e2[i] = e[i] * e[i];
       e2max = std::max(e2max, e2[i]);
     }
   }
+  const double s_hi = std::sqrt(hi) * (1.0 + 1e-15);
+  int steps = 0;
+  for (double width = s_hi; width > tol && steps < 64; width *= 0.5) ++steps;
   // A zero pivot becomes -pivmin (0/0 would be NaN where e2 = 0); a tiny one may give e2 / q = inf, and IEEE
   // arithmetic carries the count through (the next pivot is -inf, then the one after is finite again).
   const double pivmin = std::numeric_limits<double>::min() * std::max(1.0, e2max);
@@ -476,14 +496,15 @@ LF_INLINE void bisect_eigenvalues(const double* d, const double* e, int64_t r, d
     V vlo[kInFlight], vhi[kInFlight], rank[kInFlight];
     for (int u = 0; u < nv; ++u)
       for (int j = 0; j < W; ++j) {
-        vlo[u][j] = lo;
-        vhi[u][j] = hi;
+        vlo[u][j] = 0.0;
+        vhi[u][j] = s_hi;
         rank[u][j] = static_cast<double>((b0 + u) * W + j);
       }
-    for (int iter = 0; iter < 48; ++iter) {
-      V x[kInFlight], q[kInFlight], count[kInFlight];
+    for (int step = 0; step < steps; ++step) {
+      V s[kInFlight], x[kInFlight], q[kInFlight], count[kInFlight];
       for (int u = 0; u < nv; ++u) {
-        x[u] = half * (vlo[u] + vhi[u]);
+        s[u] = half * (vlo[u] + vhi[u]);
+        x[u] = s[u] * s[u];
         q[u] = d[0] - x[u];
         q[u] = q[u] == zero ? -vpiv : q[u];
         count[u] = q[u] < zero ? one : zero;
@@ -497,63 +518,84 @@ LF_INLINE void bisect_eigenvalues(const double* d, const double* e, int64_t r, d
         }
       }
       for (int u = 0; u < nv; ++u) {
-        const auto below = count[u] > rank[u];  // the eigenvalue sought lies below x
-        vhi[u] = below ? x[u] : vhi[u];
-        vlo[u] = below ? vlo[u] : x[u];
+        const auto below = count[u] > rank[u];  // the eigenvalue sought lies below s^2
+        vhi[u] = below ? s[u] : vhi[u];
+        vlo[u] = below ? vlo[u] : s[u];
       }
     }
     for (int u = 0; u < nv; ++u)
-      for (int j = 0; j < W && (b0 + u) * W + j < r; ++j) lambda[(b0 + u) * W + j] = 0.5 * (vlo[u][j] + vhi[u][j]);
+      for (int j = 0; j < W && (b0 + u) * W + j < r; ++j) sigma[(b0 + u) * W + j] = 0.5 * (vlo[u][j] + vhi[u][j]);
   }
 }
 
-// Eigenvalues of the symmetric r x r matrix p (row-major, stride ld, destroyed) into lambda, ascending: Householder
-// tridiagonalization, then bisection vectorized across eigenvalues (implicit QL, a chain of a sqrt and a division
-// per step, took 2-3x longer at r = 8-64). 48 halvings of the Gershgorin interval leave each eigenvalue within
-// ~1e-14 ||p||, so sigma = sqrt(lambda) is off by at most ~1e-7 sigma_max, no more than forming p already costs.
-// work: r + 1 + 4 ld values.
+// Square roots of the eigenvalues of the symmetric positive semi-definite r x r matrix p (row-major, both
+// triangles, stride ld >= round_up(r, W), destroyed) into sigma, ascending, each within tol + the rounding of the
+// reduction (~eps ||p||, i.e. ~sqrt(eps ||p||) for the smallest): Householder tridiagonalization, then bisection
+// vectorized across eigenvalues (implicit QL, a chain of a sqrt and a division per step, took 2-3x longer at
+// r = 8-64). The reduction runs from the last row up, so the block still to reduce always starts at p[0][0]: its
+// rows are whole aligned vectors, and p v is a sum of rows with the accumulators in registers (dot products per
+// row took ~4x longer at r = 64). work: 2 r + 2 + 2 ld values.
 template <class I>
-LF_INLINE void symmetric_eigenvalues(double* p, int64_t r, int64_t ld, double* work, double* lambda) {
-  double* e = work;       // sub-diagonal, e[i] couples i and i + 1
-  double* v = e + r + 1;  // Householder vector
-  double* w = v + ld;     // p v, then the rank-2 update vector
-  double* d = w + ld;     // diagonal
-  for (int64_t k = 0; k + 2 < r; ++k) {
-    // reflect p[k+1.., k] onto its first entry; the trailing block becomes H p H
-    const int64_t len = r - k - 1;
+LF_INLINE void symmetric_sqrt_eigenvalues(double* p, int64_t r, int64_t ld, double tol, double* work,
+                                          double* sigma) {
+  typedef typename VecOf<I::W>::type V;
+  constexpr int W = I::W, kBlock = 8;  // vectors of p v held in registers at once
+  double* d = work;        // diagonal
+  double* e = d + r;       // e[k - 1] couples k - 1 and k
+  double* v = e + r + 2;   // Householder vector, zero beyond the active block
+  double* w = v + ld;      // p v, then the rank-2 update vector, zero beyond the active block
+  for (int64_t k = r - 1; k >= 2; --k) {
+    // reflect p[0..k-1][k] onto its last entry; the leading k x k block becomes H p H
+    const int64_t len = k, lw = round_up(len, W);
+    double* pk = p + k * ld;  // row k = column k, by symmetry
     double norm2 = 0.0;
     for (int64_t i = 0; i < len; ++i) {
-      v[i] = p[(k + 1 + i) * ld + k];
+      v[i] = pk[i];
       norm2 += v[i] * v[i];
     }
-    d[k] = p[k * ld + k];
+    for (int64_t i = len; i < lw; ++i) v[i] = w[i] = 0.0;
+    d[k] = pk[k];
     if (norm2 == 0.0) {
-      e[k] = 0.0;
+      e[k - 1] = 0.0;
       continue;
     }
-    const double x0 = v[0];
+    const double x0 = v[len - 1];
     const double alpha = x0 >= 0 ? -std::sqrt(norm2) : std::sqrt(norm2);  // the sign without cancellation
-    e[k] = alpha;
-    v[0] = x0 - alpha;
+    e[k - 1] = alpha;
+    v[len - 1] = x0 - alpha;
     const double tau = 1.0 / (norm2 - x0 * alpha);  // 2 / |v|^2, as |v|^2 = 2 (norm2 - x0 alpha)
-    double* block = p + (k + 1) * ld + (k + 1);
-    for (int64_t i = 0; i < len; ++i) w[i] = tau * dot<I>(block + i * ld, v, len);
-    const double half = 0.5 * tau * dot<I>(w, v, len);
+    // w = tau p v
+    for (int64_t j0 = 0; j0 < lw; j0 += kBlock * W) {
+      const int nb = static_cast<int>(std::min<int64_t>(kBlock, (lw - j0) / W));
+      V acc[kBlock];
+      for (int b = 0; b < kBlock; ++b) acc[b] = V{};
+      for (int64_t i = 0; i < len; ++i) {
+        const double* row = p + i * ld + j0;
+        const double vi = tau * v[i];
+        for (int b = 0; b < nb; ++b) acc[b] += vi * vload<V>(row + b * W);
+      }
+      for (int b = 0; b < nb; ++b) vstore<V>(w + j0 + b * W, acc[b]);
+    }
+    for (int64_t i = len; i < lw; ++i) w[i] = 0.0;  // the rows' padding entries are not part of the block
+    double wv = 0.0;
+    for (int64_t i = 0; i < len; ++i) wv += w[i] * v[i];
+    const double half = 0.5 * tau * wv;
     for (int64_t i = 0; i < len; ++i) w[i] -= half * v[i];
     for (int64_t i = 0; i < len; ++i) {
-      double* row = block + i * ld;
-      const double vi = v[i], wi = w[i];
-      for (int64_t j = 0; j < len; ++j) row[j] -= vi * w[j] + wi * v[j];
+      double* row = p + i * ld;
+      const V vi = V{} + v[i], wi = V{} + w[i];
+      for (int64_t j = 0; j < lw; j += W)
+        vstore<V>(row + j, vload<V>(row + j) - (vi * vload<V>(w + j) + wi * vload<V>(v + j)));
     }
   }
   if (r >= 2) {
-    d[r - 2] = p[(r - 2) * ld + (r - 2)];
-    e[r - 2] = p[(r - 1) * ld + (r - 2)];
+    d[1] = p[ld + 1];
+    e[0] = p[ld];
   }
-  d[r - 1] = p[(r - 1) * ld + (r - 1)];
+  d[0] = p[0];
   e[r - 1] = 0.0;
 
-  bisect_eigenvalues<I>(d, e, r, d + ld, lambda);
+  bisect_sqrt_eigenvalues<I>(d, e, r, tol, w + ld, sigma);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -693,7 +735,7 @@ LF_TARGET __attribute__((noinline)) void finish(const Job& job, Scratch& s, Expo
   // R factors, as L = R^T (row-major, stride rp); Householder where Cholesky-QR would lose accuracy
   double* la = s.la.data();
   double* lb = s.lb.data();
-  if (!cholesky<I>(s.ga.data(), r, rp, job.max_ratio, la, rp)) {
+  if (!cholesky<I>(s.ga.data(), r, rp, job.max_ratio, la, rp)) {  // destroys ga and gb: both are spent
     const Factor fa{job, false};
     ex.a = scale_exponent(fa.max_abs());
     Scratch::grow(s.copy, r * n);
@@ -742,9 +784,11 @@ LF_TARGET __attribute__((noinline)) void finish(const Job& job, Scratch& s, Expo
     gram_rows<I>(core, r, rp, rp, s.buf.data(), s.acc.data(), gram, rp);
     for (int64_t i = 0; i < r; ++i)
       for (int64_t j = 0; j < i; ++j) gram[i * rp + j] = gram[j * rp + i];
-    symmetric_eigenvalues<I>(gram, r, rp, s.work.data(), job.sigma);  // ascending
-    std::reverse(job.sigma, job.sigma + r);
-    for (int64_t i = 0; i < r; ++i) job.sigma[i] = std::sqrt(std::max(job.sigma[i], 0.0));
+    double diag_max = 0.0;  // sigma_max >= the largest column norm of M
+    for (int64_t i = 0; i < r; ++i) diag_max = std::max(diag_max, gram[i * rp + i]);
+    // bisection to 1/50 of the accuracy asked for: its error stays far below the reduction's
+    symmetric_sqrt_eigenvalues<I>(gram, r, rp, 0.02 * job.sigma_tol * std::sqrt(diag_max), s.work.data(), job.sigma);
+    std::reverse(job.sigma, job.sigma + r);  // descending
   } else {
     jacobi_svdvals<I>(core, r, rp, s.work.data(), s.iwork.data(), job.sigma);
   }
