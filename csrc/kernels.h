@@ -713,70 +713,88 @@ LF_INLINE void jacobi_svdvals(double* c, int64_t r, int64_t ld, double* work, in
   std::sort(sigma, sigma + r, [](double x, double y) { return x > y; });
 }
 
+// Bisection steps of bisect_sqrt_eigenvalues for the vectors [b0, b0 + nv) of eigenvalue indices, Points test
+// points per lane and step (Points = 2: trisection, two chains of divisions overlap where a single vector would
+// leave the divider idle for most of each division's latency).
+template <class I, int Points>
+LF_INLINE void bisect_sqrt_steps(const double* d, const double* e2, int64_t r, int64_t b0, int nv, double s_hi,
+                                 int steps, double* sigma) {
+  typedef typename VecOf<I::W>::type V;
+  constexpr int W = I::W, kInFlight = 8;
+  // vector operands and one comparison per select: a scalar operand, or `&` of two comparisons, makes GCC 12 fall
+  // back to one lane at a time (measured 4x slower)
+  const V zero = {}, one = zero + 1.0, part = zero + 1.0 / (Points + 1);
+  V vlo[kInFlight], vhi[kInFlight], rank[kInFlight];
+  for (int u = 0; u < nv; ++u)
+    for (int j = 0; j < W; ++j) {
+      vlo[u][j] = 0.0;
+      vhi[u][j] = s_hi;
+      rank[u][j] = static_cast<double>((b0 + u) * W + j);
+    }
+  for (int step = 0; step < steps; ++step) {
+    V s[kInFlight][Points], x[kInFlight][Points], q[kInFlight][Points], count[kInFlight][Points];
+    for (int u = 0; u < nv; ++u)
+      for (int k = 0; k < Points; ++k) {
+        s[u][k] = vlo[u] + (vhi[u] - vlo[u]) * part * (k + 1.0);
+        x[u][k] = s[u][k] * s[u][k];
+        q[u][k] = d[0] - x[u][k];
+        count[u][k] = q[u][k] < zero ? one : zero;
+      }
+    for (int64_t i = 1; i < r; ++i) {
+      const double di = d[i], ei2 = e2[i - 1];
+      for (int u = 0; u < nv; ++u)
+        for (int k = 0; k < Points; ++k) {
+          q[u][k] = (di - x[u][k]) - ei2 / q[u][k];
+          count[u][k] += q[u][k] < zero ? one : zero;
+        }
+    }
+    for (int u = 0; u < nv; ++u) {
+      // the eigenvalue sought lies below s^2 where count > rank; the new interval is the part that holds it
+      const auto below = count[u][0] > rank[u];
+      if constexpr (Points == 1) {
+        vhi[u] = below ? s[u][0] : vhi[u];
+        vlo[u] = below ? vlo[u] : s[u][0];
+      } else {
+        const auto below2 = count[u][1] > rank[u];
+        const V hi2 = below2 ? s[u][1] : vhi[u], lo2 = below2 ? s[u][0] : s[u][1];
+        vhi[u] = below ? s[u][0] : hi2;
+        vlo[u] = below ? vlo[u] : lo2;
+      }
+    }
+  }
+  for (int u = 0; u < nv; ++u)
+    for (int j = 0; j < W && (b0 + u) * W + j < r; ++j) sigma[(b0 + u) * W + j] = 0.5 * (vlo[u][j] + vhi[u][j]);
+}
+
 // Square roots of the eigenvalues (ascending) of the positive semi-definite tridiagonal matrix T with diagonal d
 // and sub-diagonal e (r - 1 values) into sigma, each within tol, by bisection in sqrt(lambda): lane j of vector u
 // converges to the (u W + j)-th smallest, with count(s) = #eigenvalues < s^2 = #negative pivots of T - s^2 I
-// (Sturm). Halving [0, sqrt(Gershgorin bound)] down to tol needs ~22-25 steps where halving the eigenvalues' own
+// (Sturm). Halving [0, sqrt(Gershgorin bound)] down to tol needs ~20-24 steps where halving the eigenvalues' own
 // interval to the same accuracy in sigma needed 48. work: r values.
 template <class I>
 LF_INLINE void bisect_sqrt_eigenvalues(const double* d, const double* e, int64_t r, double tol, double* work,
                                        double* sigma) {
-  typedef typename VecOf<I::W>::type V;
   constexpr int W = I::W, kInFlight = 8;  // independent vectors per step: the divisions overlap
   double* e2 = work;
-  double hi = 0.0, e2max = 0.0;
+  double hi = 0.0;
   for (int64_t i = 0; i < r; ++i) {  // Gershgorin bound
     const double radius = (i > 0 ? std::fabs(e[i - 1]) : 0.0) + (i + 1 < r ? std::fabs(e[i]) : 0.0);
     hi = std::max(hi, d[i] + radius);
-    if (i + 1 < r) {
-      e2[i] = e[i] * e[i];
-      e2max = std::max(e2max, e2[i]);
-    }
+    // e^2 > 0, so that a zero pivot q gives e^2 / q = inf (the next pivot is -inf, then finite again) and never
+    // 0 / 0; the eigenvalues move by at most sqrt(DBL_MIN) ~ 1e-154 (T is scaled to ~1)
+    if (i + 1 < r) e2[i] = std::max(e[i] * e[i], std::numeric_limits<double>::min());
   }
   const double s_hi = std::sqrt(hi) * (1.0 + 1e-15);
-  int steps = 0;
-  for (double width = s_hi; width > tol && steps < 64; width *= 0.5) ++steps;
-  // A zero pivot becomes -pivmin (0/0 would be NaN where e2 = 0); a tiny one may give e2 / q = inf, and IEEE
-  // arithmetic carries the count through (the next pivot is -inf, then the one after is finite again).
-  const double pivmin = std::numeric_limits<double>::min() * std::max(1.0, e2max);
-  // vector operands and one comparison per select: a scalar operand, or `&` of two comparisons, makes GCC 12 fall
-  // back to one lane at a time (measured 4x slower)
-  const V zero = {}, one = zero + 1.0, half = zero + 0.5, vpiv = zero + pivmin;
   const int64_t blocks = (r + W - 1) / W;
   for (int64_t b0 = 0; b0 < blocks; b0 += kInFlight) {
     const int nv = static_cast<int>(std::min<int64_t>(kInFlight, blocks - b0));
-    V vlo[kInFlight], vhi[kInFlight], rank[kInFlight];
-    for (int u = 0; u < nv; ++u)
-      for (int j = 0; j < W; ++j) {
-        vlo[u][j] = 0.0;
-        vhi[u][j] = s_hi;
-        rank[u][j] = static_cast<double>((b0 + u) * W + j);
-      }
-    for (int step = 0; step < steps; ++step) {
-      V s[kInFlight], x[kInFlight], q[kInFlight], count[kInFlight];
-      for (int u = 0; u < nv; ++u) {
-        s[u] = half * (vlo[u] + vhi[u]);
-        x[u] = s[u] * s[u];
-        q[u] = d[0] - x[u];
-        q[u] = q[u] == zero ? -vpiv : q[u];
-        count[u] = q[u] < zero ? one : zero;
-      }
-      for (int64_t i = 1; i < r; ++i) {
-        const double di = d[i], ei2 = e2[i - 1];
-        for (int u = 0; u < nv; ++u) {
-          q[u] = (di - x[u]) - ei2 / q[u];
-          q[u] = q[u] == zero ? -vpiv : q[u];
-          count[u] += q[u] < zero ? one : zero;
-        }
-      }
-      for (int u = 0; u < nv; ++u) {
-        const auto below = count[u] > rank[u];  // the eigenvalue sought lies below s^2
-        vhi[u] = below ? s[u] : vhi[u];
-        vlo[u] = below ? vlo[u] : s[u];
-      }
-    }
-    for (int u = 0; u < nv; ++u)
-      for (int j = 0; j < W && (b0 + u) * W + j < r; ++j) sigma[(b0 + u) * W + j] = 0.5 * (vlo[u][j] + vhi[u][j]);
+    const int points = nv == 1 ? 2 : 1;
+    int steps = 0;
+    for (double width = s_hi; width > tol && steps < 64; width /= points + 1) ++steps;
+    if (points == 2)
+      bisect_sqrt_steps<I, 2>(d, e2, r, b0, nv, s_hi, steps, sigma);
+    else
+      bisect_sqrt_steps<I, 1>(d, e2, r, b0, nv, s_hi, steps, sigma);
   }
 }
 
@@ -1046,8 +1064,8 @@ LF_TARGET __attribute__((noinline)) void finish(const Job& job, Scratch& s, Expo
       for (int64_t j = 0; j < i; ++j) gram[i * rp + j] = gram[j * rp + i];
     double diag_max = 0.0;  // sigma_max >= the largest column norm of M
     for (int64_t i = 0; i < r; ++i) diag_max = std::max(diag_max, gram[i * rp + i]);
-    // bisection to 1/50 of the accuracy asked for: its error stays far below the reduction's
-    symmetric_sqrt_eigenvalues<I>(gram, r, rp, 0.02 * job.sigma_tol * std::sqrt(diag_max), s.work.data(), job.sigma);
+    // bisection to 1/20 of the accuracy asked for: its error stays far below the reduction's
+    symmetric_sqrt_eigenvalues<I>(gram, r, rp, 0.05 * job.sigma_tol * std::sqrt(diag_max), s.work.data(), job.sigma);
     std::reverse(job.sigma, job.sigma + r);  // descending
   } else {
     jacobi_svdvals<I>(core, r, rp, s.work.data(), s.iwork.data(), job.sigma);
