@@ -1,15 +1,21 @@
 // The C API of lowrank_svd.h: checks the entries, spreads the adapters over threads, and runs the kernels of the
 // best instruction set the CPU has (picked at the first call; one binary for every x86-64 machine, never
-// -march=native). Adapters go to std::thread workers: no OpenMP runtime is loaded beside torch's.
+// -march=native). Adapters go to std::thread workers, started once and parked between calls: no OpenMP runtime is
+// loaded beside torch's.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <system_error>
 #include <thread>
 #include <vector>
+
+#if !defined(_WIN32)
+#include <pthread.h>
+#endif
 
 #include "kernels.h"
 #include "lowrank_svd.h"
@@ -66,8 +72,82 @@ const Kernel& kernel() {
 double job_cost(int64_t r, int64_t m, int64_t n) {
   return static_cast<double>(m + n) * r * r / 2 + 40.0 * r * r * r;
 }
-// ~20 us of work per extra thread: below that, starting a thread (~15-30 us measured) costs more than it saves.
-constexpr double kCostPerThread = 1.5e6;
+// ~30 us of work per extra thread: waking a parked worker takes ~5-10 us, and a call shorter than that gains nothing.
+constexpr double kCostPerThread = 3e5;
+
+// Worker threads started at the first call that wants them and parked on a condition variable between calls
+// (starting a thread per call cost ~15-30 us, as much as a whole call of 36 BERT-size adapters on one thread).
+// A task is a function that any number of threads may run at once and again after it has ended (it takes jobs
+// from a shared counter and returns when none is left): a worker that wakes late, or twice, does no harm, and the
+// caller never waits for a thread, only for the jobs that threads took.
+class Pool {
+ public:
+  using Task = std::shared_ptr<const std::function<void()>>;
+
+  // Offers `task` to `helpers` workers, starting workers up to that many.
+  void offer(Task task, int helpers) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (; size_ < helpers; ++size_) {
+        try {
+          std::thread([this]() { loop(); }).detach();
+        } catch (const std::system_error&) {
+          break;  // no more threads: the ones there share the work
+        }
+      }
+      task_ = std::move(task);
+      wanted_ = std::min(helpers, size_);
+    }
+    for (int i = 0; i < helpers; ++i) wake_.notify_one();
+  }
+
+ private:
+  void loop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [this]() { return wanted_ > 0; });
+      --wanted_;
+      Task task = task_;
+      lock.unlock();
+      (*task)();
+      task.reset();
+      lock.lock();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  Task task_;
+  int wanted_ = 0, size_ = 0;
+};
+
+// Never destroyed: parked workers use it until the process ends. A forked child has none of the parent's threads
+// (and maybe a mutex locked by one of them): it starts a pool of its own.
+std::atomic<Pool*> g_pool{nullptr};
+
+Pool& pool() {
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (p == nullptr) {
+    static std::once_flag once;
+    std::call_once(once, []() {
+#if !defined(_WIN32)
+      pthread_atfork(nullptr, nullptr, []() { g_pool.store(new Pool, std::memory_order_release); });
+#endif
+      g_pool.store(new Pool, std::memory_order_release);
+    });
+    p = g_pool.load(std::memory_order_acquire);
+  }
+  return *p;
+}
+
+// Per-thread buffers kept between calls (allocating and first touching them cost ~2 us per call at BERT size),
+// unless they grew beyond this: one call on huge adapters should not hold their memory for the process's life.
+constexpr size_t kKeptScratchBytes = size_t(16) << 20;
+
+Scratch& thread_scratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
 
 }  // namespace
 }  // namespace lora_fast
@@ -95,6 +175,7 @@ LF_API int32_t lf_lowrank_svdvals(int64_t count, const int64_t* entries, const d
       const int64_t* f = entries + e * LF_FIELDS;
       const double* p = params + e * LF_PARAMS;
       const int64_t batch = f[LF_BATCH], r = f[LF_R], m = f[LF_M], n = f[LF_N];
+      const bool indirect = f[LF_INDIRECT] != 0;
       int64_t wrong = -1;
       if (f[LF_A_PTR] == 0) wrong = LF_A_PTR;
       if (f[LF_B_PTR] == 0) wrong = LF_B_PTR;
@@ -104,6 +185,7 @@ LF_API int32_t lf_lowrank_svdvals(int64_t count, const int64_t* entries, const d
       if (f[LF_A_ROW_STRIDE] < n) wrong = LF_A_ROW_STRIDE;
       if (f[LF_B_ROW_STRIDE] < r) wrong = LF_B_ROW_STRIDE;
       if (f[LF_OUT_OFFSET] < 0) wrong = LF_OUT_OFFSET;
+      if (f[LF_INDIRECT] != 0 && f[LF_INDIRECT] != 1) wrong = LF_INDIRECT;
       if (wrong >= 0) {
         bad[0] = e;
         bad[1] = wrong;
@@ -111,20 +193,33 @@ LF_API int32_t lf_lowrank_svdvals(int64_t count, const int64_t* entries, const d
       }
       static constexpr int64_t kSize[] = {4, 8, 2, 2};
       const int64_t size = kSize[f[LF_DTYPE]];
+      const int64_t* a_ptrs = reinterpret_cast<const int64_t*>(f[LF_A_PTR]);
+      const int64_t* b_ptrs = reinterpret_cast<const int64_t*>(f[LF_B_PTR]);
+      const double* scales = reinterpret_cast<const double*>(f[LF_SCALE_PTR]);
       max_r = std::max(max_r, r);
       max_m = std::max(max_m, m);
       max_n = std::max(max_n, n);
       for (int64_t i = 0; i < batch; ++i) {
         Job job;
-        job.a = reinterpret_cast<const char*>(f[LF_A_PTR]) + i * f[LF_A_BATCH_STRIDE] * size;
-        job.b = reinterpret_cast<const char*>(f[LF_B_PTR]) + i * f[LF_B_BATCH_STRIDE] * size;
+        if (indirect) {
+          job.a = reinterpret_cast<const char*>(a_ptrs[i]);
+          job.b = reinterpret_cast<const char*>(b_ptrs[i]);
+          if (job.a == nullptr || job.b == nullptr) {
+            bad[0] = e;
+            bad[1] = job.a == nullptr ? LF_A_PTR : LF_B_PTR;
+            return LF_BAD_ARGUMENT;
+          }
+        } else {
+          job.a = reinterpret_cast<const char*>(f[LF_A_PTR]) + i * f[LF_A_BATCH_STRIDE] * size;
+          job.b = reinterpret_cast<const char*>(f[LF_B_PTR]) + i * f[LF_B_BATCH_STRIDE] * size;
+        }
         job.dtype = static_cast<int>(f[LF_DTYPE]);
         job.r = r;
         job.m = m;
         job.n = n;
         job.lda = f[LF_A_ROW_STRIDE];
         job.ldb = f[LF_B_ROW_STRIDE];
-        job.scaling = p[LF_SCALING];
+        job.scaling = scales != nullptr ? scales[i] : p[LF_SCALING];
         job.max_ratio = p[LF_MAX_RATIO];
         job.sigma_tol = p[LF_SIGMA_TOL];
         job.sigma = sigma + f[LF_OUT_OFFSET] + i * r;
@@ -142,9 +237,7 @@ LF_API int32_t lf_lowrank_svdvals(int64_t count, const int64_t* entries, const d
     const int64_t useful = static_cast<int64_t>(total / kCostPerThread) + 1;
     const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({num_threads, useful, (int64_t)jobs.size()}));
 
-    // Workers are detached and share the state through a shared_ptr: the caller waits for the jobs that were
-    // started, never for a thread. On a loaded machine a new thread can wait milliseconds for a core; joining it
-    // made 36 BERT-size adapters take 2.7 ms instead of 0.4 ms on one thread.
+    // The caller and the workers share the state through a shared_ptr: a worker may still hold it after the call.
     struct State {
       std::vector<Job> jobs;
       std::vector<int32_t> status;
@@ -166,8 +259,8 @@ LF_API int32_t lf_lowrank_svdvals(int64_t count, const int64_t* entries, const d
     // cannot get its buffers leaves its share to the others
     auto work = [](State& st, bool caller) {
       const int64_t size = static_cast<int64_t>(st.jobs.size());
-      if (st.next.load() >= size) return;  // started too late: nothing left
-      Scratch s;
+      if (st.next.load() >= size) return;  // woke too late: nothing left
+      Scratch& s = thread_scratch();
       bool ready = true;
       try {
         s.reserve(st.max_r, st.max_m, st.max_n);
@@ -186,14 +279,11 @@ LF_API int32_t lf_lowrank_svdvals(int64_t count, const int64_t* entries, const d
           st.finished.notify_all();
         }
       }
+      if (s.bytes() > kKeptScratchBytes) s = Scratch();
     };
-    for (int64_t t = 1; t < threads; ++t) {
-      try {
-        std::thread([state, work]() { work(*state, false); }).detach();
-      } catch (const std::system_error&) {
-        break;  // no more threads available: the ones running share the work
-      }
-    }
+    if (threads > 1)
+      pool().offer(std::make_shared<const std::function<void()>>([state, work]() { work(*state, false); }),
+                   static_cast<int>(threads - 1));
     work(*state, true);
     {
       // every job has been taken; wait until the ones other threads took have ended (they write into sigma)

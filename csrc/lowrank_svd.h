@@ -19,14 +19,19 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or the entry layout changes; Python refuses a library with another version. */
-#define LF_ABI_VERSION 2
+#define LF_ABI_VERSION 3
 
 /* Element types of A and B. Half precision is widened exactly; every product is formed and summed in float64. */
 enum lf_dtype { LF_FLOAT32 = 0, LF_FLOAT64 = 1, LF_BFLOAT16 = 2, LF_FLOAT16 = 3 };
 
-/* One entry is LF_FIELDS int64 values: a batch of `batch` adapters of one shape and dtype. Strides are in
- * elements; the last dimension of A and of B must be contiguous. sigma for batch index i is written at
- * sigma[out_offset + i * r], r values, descending. */
+/* One entry is LF_FIELDS int64 values: `batch` adapters of one shape and dtype. Strides are in elements; the last
+ * dimension of A and of B must be contiguous. sigma of adapter i is written at sigma[out_offset + i * r], r values,
+ * descending.
+ * Adapter i's factors: with LF_INDIRECT = 0, A_PTR + i * A_BATCH_STRIDE and B_PTR + i * B_BATCH_STRIDE (one
+ * batched tensor); with LF_INDIRECT = 1, A_PTR and B_PTR are the addresses of two arrays of `batch` int64
+ * addresses, one per adapter (separate tensors of one shape: a pointer each instead of an entry each), and the
+ * batch strides are unused. LF_SCALE_PTR: 0, or the address of `batch` doubles, adapter i's scaling (then
+ * LF_SCALING is unused). */
 enum lf_field {
   LF_A_PTR = 0,
   LF_B_PTR,
@@ -40,6 +45,8 @@ enum lf_field {
   LF_B_BATCH_STRIDE,
   LF_B_ROW_STRIDE,
   LF_OUT_OFFSET,
+  LF_INDIRECT,
+  LF_SCALE_PTR,
   LF_FIELDS
 };
 
@@ -64,8 +71,9 @@ LF_API const char* lf_isa(void);
 LF_API const char* lf_select_isa(const char* cap);
 
 /* sigma of |s| * B @ A for every adapter of every entry, computed in float64 with 1 <= r <= min(m, n).
- * num_threads: worker threads to use at most (the caller passes torch.get_num_threads()); fewer are started when
- * the work is small. No OpenMP: plain threads, started and joined within the call.
+ * num_threads: threads to use at most, the caller's included (the caller passes torch.get_num_threads()); fewer
+ * when the work is small. No OpenMP: plain threads, started at the first call that wants them and parked between
+ * calls. Calls from several threads at once are allowed.
  * bad: two int64 written on LF_NON_FINITE (entry, batch index of the first adapter holding NaN or Inf) and on
  * LF_BAD_ARGUMENT (entry, field). */
 LF_API int32_t lf_lowrank_svdvals(int64_t count, const int64_t* entries, const double* params, double* sigma,

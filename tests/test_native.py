@@ -46,6 +46,7 @@ def native_entry(a: torch.Tensor, b: torch.Tensor, scaling: float = 1.0) -> tupl
     return (
         a,
         b,
+        dtype,
         batch,
         r,
         m,

@@ -21,7 +21,7 @@ import torch
 
 LIBRARY_ENV = "LORA_FAST_NATIVE_LIB"
 # Must match csrc/lowrank_svd.h.
-ABI_VERSION = 2
+ABI_VERSION = 3
 FIELDS = (
     "a_ptr",
     "b_ptr",
@@ -35,6 +35,8 @@ FIELDS = (
     "b_batch_stride",
     "b_row_stride",
     "out_offset",
+    "indirect",
+    "scale_ptr",
 )
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _OK, _NON_FINITE, _BAD_ARGUMENT, _OUT_OF_MEMORY = 0, 1, 2, 3
@@ -107,12 +109,15 @@ def lowrank_svdvals(entries: list[tuple], out: torch.Tensor, num_threads: int) -
     """σ of ``|s|·B @ A`` for each entry into ``out`` (float64, contiguous), entry after entry, batch·r values each.
 
     Args:
-        entries: ``(A, B, batch, r, m, n, A's (batch, row) strides, B's (batch, row) strides, s, max Cholesky
-            ratio, σ accuracy needed relative to σ_max)``: CPU tensors of one dtype per entry (float32, float64,
-            bfloat16 or float16) with contiguous rows, r <= min(m, n), and their sizes and strides in elements
-            (the caller has read them already: reading them again costs ~1 µs per adapter).
+        entries: ``(A, B, dtype, batch, r, m, n, A's (batch, row) strides, B's (batch, row) strides, s, max Cholesky
+            ratio, σ accuracy needed relative to σ_max)``. A and B: CPU tensors of ``dtype`` (float32, float64,
+            bfloat16 or float16) with contiguous rows, holding ``batch`` adapters at the batch strides; or two
+            ``array("q")`` of ``batch`` data addresses each, one per adapter (separate tensors of one shape and
+            row strides; the batch strides are unused). s: one float, or an ``array("d")`` of ``batch`` values.
+            r <= min(m, n); sizes and strides in elements (the caller has read them already: reading them again
+            costs ~1 µs per adapter). The caller keeps the tensors alive during the call.
         out: receives the values, in entry order.
-        num_threads: threads the library may use.
+        num_threads: threads the library may use, the caller's included.
 
     Returns:
         None, or (entry, batch index) of the first adapter that holds NaN or Inf (``out`` is then incomplete).
@@ -121,11 +126,32 @@ def lowrank_svdvals(entries: list[tuple], out: torch.Tensor, num_threads: int) -
     fields: array = array("q")
     params: array = array("d")
     offset = 0
-    for a, b, batch, r, m, n, (a_batch, a_row), (b_batch, b_row), scaling, max_ratio, sigma_tol in entries:
+    for a, b, dtype, batch, r, m, n, (a_batch, a_row), (b_batch, b_row), scaling, max_ratio, sigma_tol in entries:
+        indirect = isinstance(a, array)
+        if indirect != isinstance(b, array) or (indirect and not len(a) == len(b) == batch):
+            raise ValueError("lowrank_svdvals: A and B must both be tensors or both arrays of batch addresses")
+        addresses = (a.buffer_info()[0], b.buffer_info()[0]) if indirect else (a.data_ptr(), b.data_ptr())
+        per_adapter = isinstance(scaling, array)
+        if per_adapter and len(scaling) != batch:
+            raise ValueError(f"lowrank_svdvals: {len(scaling)} scalings for a batch of {batch}")
         fields.extend(
-            (a.data_ptr(), b.data_ptr(), DTYPE_CODES[a.dtype], batch, r, m, n, a_batch, a_row, b_batch, b_row, offset)
+            (
+                *addresses,
+                DTYPE_CODES[dtype],
+                batch,
+                r,
+                m,
+                n,
+                a_batch,
+                a_row,
+                b_batch,
+                b_row,
+                offset,
+                int(indirect),
+                scaling.buffer_info()[0] if per_adapter else 0,
+            )
         )
-        params.extend((scaling, max_ratio, sigma_tol))
+        params.extend((0.0 if per_adapter else scaling, max_ratio, sigma_tol))
         offset += batch * r
     if out.dtype != torch.float64 or not out.is_contiguous() or out.numel() < offset:
         raise ValueError(f"lowrank_svdvals: out must be a contiguous float64 tensor of at least {offset} values")

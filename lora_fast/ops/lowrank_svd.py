@@ -14,8 +14,12 @@ One op, one unit: every rule of this op lives here, and callers (``lora_fast.ene
 
 from __future__ import annotations
 
+import math
 import numbers
+import operator
+from array import array
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -104,6 +108,8 @@ def check_scalings(scaling: Any, count: int, where: str) -> list[float]:
     values = scaling.tolist() if hasattr(scaling, "tolist") else list(scaling)
     if len(values) != count:
         raise ValueError(f"{where}: {len(values)} scalings for {count} adapters")
+    if set(map(type, values)) == {float} and all(map(math.isfinite, values)):
+        return values  # the usual list of finite floats, checked at ~20 ns per value instead of ~300
     return [_finite_float(v, where) for v in values]
 
 
@@ -214,7 +220,7 @@ def _non_finite(index: int, batch_index: int | None) -> ValueError:
 def _native_route(native: list[tuple[int, bool, bool]], entries: list[tuple], out: list) -> None:
     """σ of the adapters ``native`` ((index, batched, float64) each; ``entries`` as ``_native.lowrank_svdvals``
     takes them) from one call into the native library."""
-    sizes = [entry[2] * entry[3] for entry in entries]  # batch · r
+    sizes = [entry[3] * entry[4] for entry in entries]  # batch · r
     flat = torch.empty(sum(sizes), dtype=torch.float64)
     bad = _native.lowrank_svdvals(entries, flat, torch.get_num_threads())
     if bad is not None:
@@ -226,7 +232,7 @@ def _native_route(native: list[tuple[int, bool, bool]], entries: list[tuple], ou
         if is_float64 not in pieces:
             pieces[is_float64] = (flat if is_float64 else flat.to(torch.float32)).split(sizes)
         piece = pieces[is_float64][k]
-        out[i] = piece.view(-1, entries[k][3]) if batched else piece
+        out[i] = piece.view(-1, entries[k][4]) if batched else piece
 
 
 def _torch_route(entries: list[int], a_list, b_list, scaling, out: list) -> None:
@@ -262,6 +268,81 @@ def _torch_route(entries: list[int], a_list, b_list, scaling, out: list) -> None
             out[i] = chunk if a_list[i].ndim == 3 else chunk[0]
 
 
+_size = Tensor.size
+_data_ptr = Tensor.data_ptr
+_is_contiguous = Tensor.is_contiguous
+_dtype_of = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
+
+
+def _separate_native(a_list: Sequence[Any], b_list: Sequence[Any], scaling: Sequence[float]) -> list[Tensor] | None:
+    """The usual call, fast: separate 2-D contiguous CPU tensors of one dtype the kernel reads, all on the low-rank
+    route, with the native backend. Each attribute is read for all adapters at once (one attribute read costs
+    ~0.05-0.2 µs, and the per-adapter loop of the general path ~3.5 µs per adapter, as much as the kernel at r = 8);
+    adapters of one shape become one entry with a pointer each, and one output buffer is split into the results.
+    None when the call is anything else: the general path then checks, converts and routes.
+    """
+    count = len(a_list)
+    tensors = repeat(Tensor, count)
+    if not (all(map(isinstance, a_list, tensors)) and all(map(isinstance, b_list, repeat(Tensor, count)))):
+        return None
+    dtypes = set(map(_dtype_of, a_list))
+    dtypes.update(map(_dtype_of, b_list))
+    dtype = dtypes.pop()
+    if dtypes or dtype not in _KERNEL_DTYPES:
+        return None
+    if not (all(map(_is_cpu, a_list)) and all(map(_is_cpu, b_list))):
+        return None
+    if not (all(map(_is_contiguous, a_list)) and all(map(_is_contiguous, b_list))):
+        return None
+    sizes_a, sizes_b = list(map(_size, a_list)), list(map(_size, b_list))
+    groups: dict[tuple[torch.Size, torch.Size], list[int] | None]
+    if sizes_a.count(sizes_a[0]) == count and sizes_b.count(sizes_b[0]) == count:
+        groups = {(sizes_a[0], sizes_b[0]): None}  # None: every adapter, in input order
+    else:
+        groups = {}
+        for i, key in enumerate(zip(sizes_a, sizes_b, strict=True)):
+            groups.setdefault(key, []).append(i)  # type: ignore[union-attr]
+    for size_a, size_b in groups:
+        if len(size_a) != 2 or len(size_b) != 2:
+            return None
+        (r, n), (m, r_b) = size_a, size_b
+        if r != r_b or r * n * m == 0 or (r * 8 > min(m, n) and prefers_dense_route(r, m, n)):
+            return None
+    if select_backend("cpu", implemented=("ref", "cpp")) != "cpp":
+        return None
+
+    one_scaling = scaling.count(scaling[0]) == count
+    params = _NATIVE_PARAMS[dtype]
+    entries, sizes = [], []
+    for ((r, n), (m, _)), members in groups.items():
+        if members is None:
+            a_sel, b_sel, s_sel = a_list, b_list, scaling
+        else:
+            a_sel, b_sel = [a_list[i] for i in members], [b_list[i] for i in members]
+            s_sel = [scaling[i] for i in members]
+        batch = len(a_sel)
+        ptr_a, ptr_b = array("q", map(_data_ptr, a_sel)), array("q", map(_data_ptr, b_sel))
+        scale = scaling[0] if one_scaling else array("d", s_sel)
+        entries.append((ptr_a, ptr_b, dtype, batch, r, m, n, (0, n), (0, r), scale, *params))
+        sizes.extend(repeat(r, batch))
+    flat = torch.empty(sum(sizes), dtype=torch.float64)
+    bad = _native.lowrank_svdvals(entries, flat, torch.get_num_threads())
+    members_of = list(groups.values())
+    if bad is not None:
+        members = members_of[bad[0]]
+        raise _non_finite(bad[1] if members is None else members[bad[1]], None)
+    if dtype != torch.float64:
+        flat = flat.to(torch.float32)
+    pieces = flat.split(sizes)
+    if members_of[0] is None:
+        return list(pieces)
+    out: list[Tensor] = [None] * count  # type: ignore[list-item]
+    for i, piece in zip((i for members in members_of for i in members), pieces, strict=True):  # type: ignore[union-attr]
+        out[i] = piece
+    return out
+
+
 def svdvals(
     a_list: Sequence[Tensor], b_list: Sequence[Tensor], scaling: Sequence[float], where: str = "lowrank_svdvals"
 ) -> list[Tensor]:
@@ -283,6 +364,10 @@ def svdvals(
     """
     if not len(a_list) == len(b_list) == len(scaling):
         raise ValueError(f"{where}: {len(a_list)} A, {len(b_list)} B and {len(scaling)} scalings")
+    if a_list:
+        fast = _separate_native(a_list, b_list, scaling)
+        if fast is not None:
+            return fast
     a_list, b_list = list(a_list), list(b_list)
     out: list[Tensor | None] = [None] * len(a_list)
     lead: dict[int, torch.Size] = {}  # entries with more than one batch dim, flattened for the kernels
@@ -339,7 +424,7 @@ def svdvals(
             row_a = n  # a size-1 dimension may carry any stride
         native.append((i, a.ndim == 3, dtype == torch.float64))
         native_entries.append(
-            (a, b, batch, r, m, n, (batch_a, row_a), (batch_b, row_b), scaling[i], *_NATIVE_PARAMS[dtype])
+            (a, b, dtype, batch, r, m, n, (batch_a, row_a), (batch_b, row_b), scaling[i], *_NATIVE_PARAMS[dtype])
         )
     if native:
         _native_route(native, native_entries, out)
