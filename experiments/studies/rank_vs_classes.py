@@ -390,7 +390,10 @@ def _plots(outdir: Path, pairs: list, by_n: dict, ns: list[int], kinds: list[str
             means = [statistics.fmean(_snapshot_mean(r["snapshots"][i]) for r in snap_runs) for i in range(len(steps))]
             ax2.plot(steps, means, marker=".", label=f"n={n}")
     ax.set(xlabel="training step", ylabel="eval accuracy (mean over subsets)", title="Accuracy during training")
-    ax.legend(fontsize=6, ncol=2)
     ax2.set(xlabel="training step", ylabel="mean energy rank (all adapters)", title="Energy rank during training")
-    ax2.legend(fontsize=7)
+    for axis, fontsize, ncol in ((ax, 6, 2), (ax2, 7, 1)):
+        if axis.get_lines():
+            axis.legend(fontsize=fontsize, ncol=ncol)
+        else:  # runs evaluated or snapshotted once: no curve to draw
+            axis.text(0.5, 0.5, "one point per run: no curve", ha="center", va="center", transform=axis.transAxes)
     save_figure(fig, outdir / "training_curves.png")
