@@ -31,6 +31,15 @@ def test_needed_rank_is_the_smallest_within_one_pooled_seed_spread() -> None:
         needed_rank({1: [0.5], 64: [0.6, 0.7]})
 
 
+def test_needed_rank_against_the_best_rank_when_the_largest_trained_worse() -> None:
+    d = 0.01 / 2**0.5  # pooled SD 0.01
+    acc = {1: [0.50 - d, 0.50 + d], 8: [0.70 - d, 0.70 + d], 16: [0.80 - d, 0.80 + d], 64: [0.40 - d, 0.40 + d]}
+    assert needed_rank(acc)[0] == 1  # every rank is within reach of a collapsed r=64
+    assert needed_rank(acc, reference="best")[0] == 16
+    with pytest.raises(ValueError, match="reference"):
+        needed_rank(acc, reference="median")
+
+
 def test_spearman_interval_over_units() -> None:
     x = [1, 2, 3, 4, 5, 6, 7, 8]
     fit = spearman_ci(x, [2, 1, 4, 3, 6, 5, 8, 7])

@@ -181,20 +181,25 @@ def _probe(params: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------- report
 
 
-def needed_rank(accuracy_by_rank: dict[int, list[float]]) -> tuple[int, float]:
-    """(needed rank, seed spread): the smallest rank whose mean accuracy is within one seed spread of the largest
+def needed_rank(accuracy_by_rank: dict[int, list[float]], reference: str = "largest") -> tuple[int, float]:
+    """(needed rank, seed spread): the smallest rank whose mean accuracy is within one seed spread of the reference
     rank's, the spread being the standard deviation over seeds pooled over the ranks (every rank needs 2+ seeds).
 
     Args:
         accuracy_by_rank: accuracies over seeds per rank.
+        reference: ``"largest"``, the largest rank (the study's definition), or ``"best"``, the rank with the highest
+            mean accuracy (a check for tasks where the largest rank trained worse than smaller ones).
     """
+    if reference not in ("largest", "best"):
+        raise ValueError(f"needed_rank: reference must be 'largest' or 'best', got {reference!r}")
     ranks = sorted(accuracy_by_rank)
     groups = [accuracy_by_rank[r] for r in ranks]
     if any(len(g) < 2 for g in groups):
         raise ValueError("needed_rank: every rank needs at least two seeds")
     pooled = math.sqrt(sum((len(g) - 1) * statistics.variance(g) for g in groups) / sum(len(g) - 1 for g in groups))
-    reference = statistics.fmean(accuracy_by_rank[ranks[-1]])
-    return next(r for r in ranks if statistics.fmean(accuracy_by_rank[r]) >= reference - pooled), pooled
+    means = {r: statistics.fmean(accuracy_by_rank[r]) for r in ranks}
+    target = means[ranks[-1]] if reference == "largest" else max(means.values())
+    return next(r for r in ranks if means[r] >= target - pooled), pooled
 
 
 def task_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -219,12 +224,14 @@ def task_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not by_rank or len(by_rank) < 2 or any(len(v) < 2 for v in by_rank.values()):
             continue
         needed, spread = needed_rank(by_rank)
+        needed_vs_best, _ = needed_rank(by_rank, reference="best")
         probe = probes[key]
         top = max(by_rank)
         suggested = probe["suggested_rank"]
         at_suggested = min((r for r in by_rank if r >= suggested), default=top)
         tasks.append({
             "family": key[0], "n_classes": key[1], "subset": key[2], "needed_rank": needed, "seed_spread": spread,
+            "needed_rank_vs_best": needed_vs_best,
             "accuracy": {r: statistics.fmean(v) for r, v in sorted(by_rank.items())},
             "median_energy_rank": probe["median_energy_rank"], "mean_energy_rank": probe["mean_energy_rank"],
             "max_energy_rank": probe["max_energy_rank"], "suggested_rank": suggested,
@@ -267,14 +274,17 @@ def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path, name: 
     families = [f for f in sec.families if any(t["family"] == f for t in tasks)]
 
     text = (f"## Tasks ({len(tasks)}): accuracy per uniform rank (mean over {len(sec.seeds)} seeds), needed rank, "
-            "probe\n\nNeeded: smallest rank within one seed spread (pooled SD over seeds) of the largest rank. Probe: "
+            "probe\n\nNeeded: smallest rank within one seed spread (pooled SD over seeds) of the largest rank; (vs "
+            "best): of the rank with the best mean accuracy, which differs where the largest rank trained worse. "
+            "Probe: "
             f"{sec.probe_steps} steps at r = {sec.probe_rank}; energy ranks at {sec.threshold:g} of the energy, "
             "median over adapters; suggested = rounded up to a power of two.\n\n")  # fmt: skip
     text += markdown_table(
-        ["family", "n", "subset", *[f"r={r}" for r in ranks], "seed SD", "needed", "median energy rank",
+        ["family", "n", "subset", *[f"r={r}" for r in ranks], "seed SD", "needed", "needed (vs best)",
+         "median energy rank",
          "suggested", "acc. at suggested − at r=" + str(ranks[-1])],
         [[t["family"], t["n_classes"], t["subset"], *[t["accuracy"].get(r, "n/a") for r in ranks], t["seed_spread"],
-          t["needed_rank"], t["median_energy_rank"], t["suggested_rank"],
+          t["needed_rank"], t["needed_rank_vs_best"], t["median_energy_rank"], t["suggested_rank"],
           f"{t['accuracy_at_suggested'] - t['accuracy_at_reference']:+.3f}"] for t in tasks],
     )  # fmt: skip
     atomic_write_text(outdir / "tasks.md", text)
@@ -289,6 +299,12 @@ def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path, name: 
             "suggested rank": spearman_ci([t["suggested_rank"] for t in group], needed),
             "max energy rank": spearman_ci([t["max_energy_rank"] for t in group], needed),
             "n − 1 (baseline)": spearman_ci([t["n_classes"] - 1 for t in group], needed),
+            "median energy rank (needed vs best rank)": spearman_ci(
+                [t["median_energy_rank"] for t in group], [t["needed_rank_vs_best"] for t in group]
+            ),
+            "n − 1 (needed vs best rank)": spearman_ci(
+                [t["n_classes"] - 1 for t in group], [t["needed_rank_vs_best"] for t in group]
+            ),
         }
         ratio = _log2_ratio_interval(needed, [t["median_energy_rank"] for t in group]) if len(group) >= 2 else None
         enough = sum(t["suggested_rank"] >= t["needed_rank"] for t in group)
@@ -353,7 +369,7 @@ def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path, name: 
     overall = results["all"]
     lines = [f"### {name}: {len(tasks)} tasks ({', '.join(f'{len(groups[f])} {f}' for f in families)}), ranks "
              f"{ranks}, {len(sec.seeds)} seeds, probe {sec.probe_steps} steps at r = {sec.probe_rank}", ""]  # fmt: skip
-    for predictor in ("median energy rank", "n − 1 (baseline)"):
+    for predictor in ("median energy rank", "n − 1 (baseline)", "median energy rank (needed vs best rank)"):
         fit = overall["spearman"][predictor]
         lines.append(f"- needed rank vs {predictor}: rho {_rho_cell(fit)} over {overall['tasks']} tasks: {_call(fit)}")
     if overall["needed_over_predicted"]:
