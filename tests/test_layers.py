@@ -129,21 +129,11 @@ def test_rank_pattern_really_gives_per_module_ranks() -> None:
 
 def test_inject_matches_peft_logits_and_grads() -> None:
     peft = pytest.importorskip("peft")
-    ours, theirs = _minilm(), _minilm()
     kwargs = {"r": 8, "rank_pattern": {"value": 4}, "alpha_pattern": {"query": 32}}
-    theirs = peft.get_peft_model(
-        theirs,
-        peft.LoraConfig(lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"], **kwargs),
-    )
-    lora_fast.inject(ours, ["query", "value"], alpha=16, modules_to_save=["classifier"], **kwargs)
-    _randomise_lora(theirs)
-    with torch.no_grad():
-        for name, module in ours.named_modules():
-            if isinstance(module, LoraLinear):
-                peft_layer = theirs.base_model.model.get_submodule(name)
-                module.lora_A.copy_(peft_layer.lora_A["default"].weight)
-                module.lora_B.copy_(peft_layer.lora_B["default"].weight)
-                assert module.scaling == peft_layer.scaling["default"]
+    ours, theirs = _peft_twin(peft, {"target_modules": ["query", "value"], "modules_to_save": ["classifier"], **kwargs})
+    for name, module in ours.named_modules():
+        if isinstance(module, LoraLinear):
+            assert module.scaling == theirs.base_model.model.get_submodule(name).scaling["default"]
     ours_trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     assert ours_trainable == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
 
