@@ -12,17 +12,19 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def tiny_bert(seed: int = 0) -> nn.Module:
+def tiny_bert(seed: int = 0, **config_overrides: int) -> nn.Module:
+    """A random 3-layer BERT classifier of width 32; ``config_overrides`` change ``BertConfig`` fields."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=48,
-        num_labels=3,
-        max_position_embeddings=40,
-    )
+    settings = {
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "intermediate_size": 48,
+        "num_labels": 3,
+        "max_position_embeddings": 40,
+    }
+    config = transformers.BertConfig(**{**settings, **config_overrides})
     torch.manual_seed(seed)
     return transformers.BertForSequenceClassification(config).eval()
 

@@ -5,6 +5,7 @@ import math
 import sys
 from pathlib import Path
 
+import _adapter_cases
 import pytest
 import torch
 
@@ -20,17 +21,15 @@ LAYERS = 6
 
 
 def tiny_bert(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
+    return _adapter_cases.tiny_bert(
+        seed,
         vocab_size=97,
         hidden_size=24,
         num_hidden_layers=LAYERS,
         num_attention_heads=4,
         intermediate_size=40,
         max_position_embeddings=32,
-        num_labels=3,
     )
-    return transformers.BertForSequenceClassification(config).eval()
 
 
 def batch(seed: int = 0, n: int = 4, length: int = 7) -> dict[str, torch.Tensor]:

@@ -269,16 +269,7 @@ def test_failed_load_leaves_the_model_as_it_was(tmp_path: Path, damage: str) -> 
     lora_fast.save_adapter(source, tmp_path)
     model = tiny_bert(seed=3)
     if damage == "hidden size":
-        model = transformers.BertForSequenceClassification(
-            transformers.BertConfig(
-                vocab_size=100,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
-                num_labels=3,
-            )
-        )
+        model = tiny_bert(hidden_size=64, num_hidden_layers=2, intermediate_size=64)
     elif damage == "truncated weights":
         weights = tmp_path / "adapter_model.safetensors"
         weights.write_bytes(weights.read_bytes()[:200])
