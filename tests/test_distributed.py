@@ -45,12 +45,26 @@ with open(f"{sys.argv[1]}-result-rank{rank}.json", "w") as fh:
 """
 
 
-def _run(args: list[str], tmp_path: Path, prefix: str) -> list[dict]:
+# torch's gloo backend sometimes aborts a process at interpreter exit, after its work and destroy_process_group():
+# a plain 2-process gloo DDP script without lora_fast aborted so in 1 of 20 launches, and in 4 of 30 with a barrier
+# before destroy_process_group() (torch 2.13.0, this project's 2-core CPU). Such a launch is retried when every rank
+# had written its results; any other failure fails the test.
+_GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
+def _run(args: list[str], tmp_path: Path, prefix: str, processes: int = 1) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([*args, prefix], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    for _attempt in range(3):
+        for stale in tmp_path.glob(f"{prefix}-*"):
+            stale.unlink()
+        proc = subprocess.run([*args, prefix], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        results = sorted(tmp_path.glob(f"{prefix}-result-rank*.json"))
+        exit_abort = _GLOO_EXIT_ABORT in proc.stderr and len(results) == processes
+        if proc.returncode == 0 or not exit_abort:
+            break
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return [json.loads(path.read_text()) for path in sorted(tmp_path.glob(f"{prefix}-result-rank*.json"))]
+    return [json.loads(path.read_text()) for path in results]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
@@ -61,7 +75,7 @@ def test_torchrun_two_cpu_processes_match_one(tmp_path: Path) -> None:
     # torchrun itself, as README says; `python -m torch.distributed.run` where the console script is not on PATH
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    ranks = _run([*launcher, "--standalone", "--nproc_per_node", "2", str(script)], tmp_path, "ddp")
+    ranks = _run([*launcher, "--standalone", "--nproc_per_node", "2", str(script)], tmp_path, "ddp", processes=2)
 
     assert len(single) == 1 and len(ranks) == 2
     assert ranks[0] == ranks[1]  # metrics, losses and snapshots reduced or broadcast: identical on every rank
