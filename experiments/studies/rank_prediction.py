@@ -276,8 +276,7 @@ def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path, name: 
     text = (f"## Tasks ({len(tasks)}): accuracy per uniform rank (mean over {len(sec.seeds)} seeds), needed rank, "
             "probe\n\nNeeded: smallest rank within one seed spread (pooled SD over seeds) of the largest rank; (vs "
             "best): of the rank with the best mean accuracy, which differs where the largest rank trained worse. "
-            "Probe: "
-            f"{sec.probe_steps} steps at r = {sec.probe_rank}; energy ranks at {sec.threshold:g} of the energy, "
+            f"Probe: {sec.probe_steps} steps at r = {sec.probe_rank}; energy ranks at {sec.threshold:g} of the energy, "
             "median over adapters; suggested = rounded up to a power of two.\n\n")  # fmt: skip
     text += markdown_table(
         ["family", "n", "subset", *[f"r={r}" for r in ranks], "seed SD", "needed", "needed (vs best)",
@@ -294,19 +293,18 @@ def report(rows: list[dict[str, Any]], config: SweepConfig, outdir: Path, name: 
     table = []
     for label, group in groups.items():
         needed = [t["needed_rank"] for t in group]
+        needed_vs_best = [t["needed_rank_vs_best"] for t in group]
+        median_energy = [t["median_energy_rank"] for t in group]
+        classes_minus_one = [t["n_classes"] - 1 for t in group]
         fits = {
-            "median energy rank": spearman_ci([t["median_energy_rank"] for t in group], needed),
+            "median energy rank": spearman_ci(median_energy, needed),
             "suggested rank": spearman_ci([t["suggested_rank"] for t in group], needed),
             "max energy rank": spearman_ci([t["max_energy_rank"] for t in group], needed),
-            "n − 1 (baseline)": spearman_ci([t["n_classes"] - 1 for t in group], needed),
-            "median energy rank (needed vs best rank)": spearman_ci(
-                [t["median_energy_rank"] for t in group], [t["needed_rank_vs_best"] for t in group]
-            ),
-            "n − 1 (needed vs best rank)": spearman_ci(
-                [t["n_classes"] - 1 for t in group], [t["needed_rank_vs_best"] for t in group]
-            ),
+            "n − 1 (baseline)": spearman_ci(classes_minus_one, needed),
+            "median energy rank (needed vs best rank)": spearman_ci(median_energy, needed_vs_best),
+            "n − 1 (needed vs best rank)": spearman_ci(classes_minus_one, needed_vs_best),
         }
-        ratio = _log2_ratio_interval(needed, [t["median_energy_rank"] for t in group]) if len(group) >= 2 else None
+        ratio = _log2_ratio_interval(needed, median_energy) if len(group) >= 2 else None
         enough = sum(t["suggested_rank"] >= t["needed_rank"] for t in group)
         loss = [t["accuracy_at_suggested"] - t["accuracy_at_reference"] for t in group]
         results[label] = {"tasks": len(group), "spearman": fits, "needed_over_predicted": ratio,
